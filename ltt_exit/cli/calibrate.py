@@ -1,0 +1,238 @@
+"""``ltt-calibrate``: certify an early-exit threshold λ with Learn-Then-Test.
+
+First form: certify from a loss table (``--table``). Model decoding (sweeping a model over a
+calibration set to produce the table) plugs in later behind the same command: ``main`` builds
+a :class:`~ltt_exit.loss_table.LossTable` one way or the other and hands it to
+:func:`run_certification`.
+
+This module does not import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ltt_exit.certificate import Certificate
+from ltt_exit.certify import PROCEDURES, PVALUES, certify, get_procedure
+from ltt_exit.loss_table import LossTable
+
+__all__ = ["build_parser", "run_certification", "main"]
+
+PROG = "ltt-calibrate"
+DEFAULT_COST_COLUMN = "mean_layers"
+
+_DESCRIPTION = """\
+Certify an early-exit threshold λ with Learn-Then-Test (LTT).
+
+The result is a certificate (JSON) holding the chosen λ and the guarantee:
+with probability at least 1 - ε over the calibration set, the expected loss
+(e.g. 1 - ROUGE-L between early-exit and full-model outputs) at the chosen λ
+is at most δ, for new inputs drawn like the calibration examples.
+
+  δ (--delta)    risk tolerance: the largest average loss you accept, on the
+                 loss table's [0, 1] scale. --delta 0.1 with a ROUGE-L loss:
+                 early-exit outputs lose at most 0.1 ROUGE-L on average
+                 against the full model.
+  ε (--epsilon)  allowed failure probability: the chance that an unlucky
+                 calibration set makes the certificate wrong (true average
+                 loss above δ). --epsilon 0.05 means 95% confidence.
+
+Smaller δ or ε is stricter and certifies fewer (more conservative) λ values.
+When nothing can be certified, λ = 1.0 (the full model, no early exit) is
+written, and the summary says why."""
+
+_EPILOG = """\
+examples:
+  ltt-calibrate --delta 0.1 --epsilon 0.05 --table losses.parquet
+  ltt-calibrate --delta 0.05 --epsilon 0.1 --table losses.csv --pvalue wsr --seed 1
+  ltt-calibrate --delta 0.1 --epsilon 0.05 --table losses.parquet \\
+      --procedure multi-start --starts 5 --out cert.json
+
+Loss tables: docs/loss_table.md. Methods and how to choose: docs/certification.md.
+Exit status: 0 when a certificate was written (also when nothing was certified),
+2 on bad input (nothing is written)."""
+
+
+class _CLIError(ValueError):
+    """Bad command-line input, reported on stderr with exit code 2."""
+
+
+def _open_unit(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number strictly between 0 and 1; got {text!r}") from None
+        if not 0.0 < value < 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be strictly between 0 and 1; got {text}")
+        return value
+
+    return parse
+
+
+def _whole(minimum: int, name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}; got {value}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ltt-calibrate`` argument parser (later issues add model / decoding options to it)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    guarantee = parser.add_argument_group("the guarantee")
+    guarantee.add_argument(
+        "--delta", required=True, type=_open_unit("--delta"), metavar="δ",
+        help="risk tolerance δ in (0, 1): the largest acceptable average loss, e.g. 0.1",
+    )
+    guarantee.add_argument(
+        "--epsilon", required=True, type=_open_unit("--epsilon"), metavar="ε",
+        help="allowed failure probability ε in (0, 1), e.g. 0.05 for 95%% confidence",
+    )
+    data = parser.add_argument_group("calibration data")
+    data.add_argument(
+        "--table", metavar="PATH",
+        help="loss table to certify from: ltt-exit Parquet, or a wide CSV (optional example_id "
+             "column, every other column named by its λ, in grid order; see docs/loss_table.md)",
+    )
+    method = parser.add_argument_group("method")
+    method.add_argument(
+        "--pvalue", default="hoeffding-bentkus", choices=PVALUES.names(), metavar="NAME",
+        help="p-value for 'risk of λ exceeds δ': " + ", ".join(PVALUES.names())
+             + " (hb = hoeffding-bentkus, the default; binomial needs 0/1 losses)",
+    )
+    method.add_argument(
+        "--procedure", default="fixed-sequence", choices=list(PROCEDURES), metavar="NAME",
+        help="family-wise error procedure: " + ", ".join(PROCEDURES) + " (default fixed-sequence)",
+    )
+    method.add_argument(
+        "--starts", type=_whole(1, "--starts"), default=3, metavar="S",
+        help="number of evenly spaced starts for --procedure multi-start, each tested at ε/S (default 3)",
+    )
+    method.add_argument(
+        "--seed", type=_whole(0, "--seed"), default=0,
+        help="seed of the example shuffle used by --pvalue wsr (recorded in the certificate; default 0)",
+    )
+    method.add_argument(
+        "--cost-column", default=None, metavar="NAME",
+        help=f"candidate column whose per-candidate mean is the cost to minimise among certified λ "
+             f"(default {DEFAULT_COST_COLUMN!r} when the table has it; 'none' to pick the certified λ "
+             "furthest along the grid instead)",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="certificate.json", metavar="PATH",
+                        help="where to write the certificate JSON (default certificate.json)")
+    output.add_argument("--quiet", action="store_true", help="print nothing on success")
+    return parser
+
+
+def _costs(table: LossTable, cost_column: str | None):
+    if cost_column is None:
+        if DEFAULT_COST_COLUMN in table.candidate_columns:
+            return DEFAULT_COST_COLUMN, table.mean_per_candidate(DEFAULT_COST_COLUMN)
+        return None, None
+    if cost_column.lower() == "none":
+        return None, None
+    if cost_column not in table.candidate_columns:
+        available = sorted(table.candidate_columns) or "none"
+        raise _CLIError(f"--cost-column {cost_column!r} is not a candidate column of the table (available: {available})")
+    return cost_column, table.mean_per_candidate(cost_column)
+
+
+def _check_output(args: argparse.Namespace) -> Path:
+    out = Path(getattr(args, "out", "certificate.json"))
+    if out.is_dir():
+        raise _CLIError(f"--out {str(out)!r} is a folder; give a file path for the certificate")
+    if not out.parent.is_dir():
+        raise _CLIError(f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+    table = getattr(args, "table", None)
+    if table is not None and Path(table).exists() and out.exists() and out.resolve() == Path(table).resolve():
+        raise _CLIError("--out must not be the loss table itself")
+    return out
+
+
+def run_certification(table: LossTable, args: argparse.Namespace) -> Certificate:
+    """Certify from ``table`` with the options in ``args``, write the certificate, print a summary.
+
+    ``args`` is a namespace from :func:`build_parser` (attributes delta, epsilon, pvalue,
+    procedure, starts, seed, cost_column, out, quiet). The certificate's metadata is the table's
+    metadata plus ``calibration_source`` (loss-table path and SHA-256 when loaded from a file,
+    format version, metric, cost column). Raises ``ValueError`` / ``TypeError`` on bad input,
+    before anything is written.
+    """
+    out = _check_output(args)
+    procedure_name = getattr(args, "procedure", "fixed-sequence")
+    procedure = get_procedure(procedure_name, starts=getattr(args, "starts", 3)) \
+        if PROCEDURES.canonical(procedure_name) == "multi-start" else get_procedure(procedure_name)
+    cost_name, costs = _costs(table, getattr(args, "cost_column", None))
+    metadata = dict(table.metadata)
+    metadata["calibration_source"] = {
+        "loss_table": table.source,
+        "loss_table_format_version": table.header()["format_version"],
+        "metric": table.metric,
+        "cost_column": cost_name,
+    }
+    certificate = certify(
+        table.losses,
+        table.lambdas,
+        args.delta,
+        args.epsilon,
+        pvalue=getattr(args, "pvalue", "hoeffding-bentkus"),
+        procedure=procedure,
+        order=table.order,
+        costs=costs,
+        metadata=metadata,
+        seed=getattr(args, "seed", 0),
+    )
+    certificate.save(out)
+    if not getattr(args, "quiet", False):
+        print(certificate.summary())
+        print(f"certificate written to {out}")
+    return certificate
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ltt-calibrate``; returns the exit status (0 ok, 2 bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed why
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.table is None:
+        print(
+            f"{PROG}: error: --table PATH is required for now: certifying by decoding a model over a "
+            "calibration set is not wired into ltt-calibrate yet. Produce a loss table "
+            "(docs/loss_table.md) and pass it with --table.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        _check_output(args)
+        table = LossTable.load(args.table)
+        run_certification(table, args)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        print(f"{PROG}: error: {_message(exc)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
