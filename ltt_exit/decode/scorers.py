@@ -1,0 +1,268 @@
+"""Confidence scorers for the exit head: small objects behind one interface, chosen by name.
+
+Every scorer maps what the decoder knows about one position at layer ℓ (an :class:`ExitView`) to one
+confidence per row in [0, 1]. The decoder exits a row at the first consulted layer where
+``confidence >= λ_t``. Scorers only *score*; the token a row emits when it exits is always the
+arg-max of the exit head at that layer (see docs/decoder.md).
+
+All arithmetic stays on the input's device; half-precision inputs are promoted to float32 (never to
+float64, never to the CPU).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = [
+    "ExitView",
+    "ConfidenceScorer",
+    "SoftmaxMax",
+    "SoftmaxMargin",
+    "HiddenCosine",
+    "WeightedContrastive",
+    "JSDContrastive",
+    "SCORERS",
+    "resolve_scorer",
+    "top1_minus_top2",
+    "contrast_distribution",
+    "jensen_shannon",
+]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 -> float32; float32/float64 unchanged."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@dataclass
+class ExitView:
+    """What a scorer may look at for a batch of rows at decoder layer ``layer`` (1-based).
+
+    logits:      (B, k) exit-head logits over the rows' current vocabulary set (k = V when unpruned)
+    hidden:      (B, d) hidden state h_ℓ after layer ``layer``
+    hidden_prev: (B, d) hidden state h_{ℓ-1} (h_0 = the decoder input embedding)
+    logits_at:   callable a -> (B, k) logits of the exit head applied to h_a (0 <= a <= layer) over the
+                 *same* vocabulary set as ``logits``; used by the contrastive scorers for the amateur.
+    """
+
+    layer: int
+    logits: torch.Tensor | None
+    hidden: torch.Tensor
+    hidden_prev: torch.Tensor
+    logits_at: Callable[[int], torch.Tensor] | None = None
+
+
+def top1_minus_top2(probs: torch.Tensor) -> torch.Tensor:
+    """(B, k) probabilities -> (B,) top-1 minus top-2 (top-1 itself when k == 1)."""
+    if probs.shape[-1] == 1:
+        return probs[..., 0]
+    top2 = torch.topk(probs, 2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def contrast_distribution(
+    log_p_expert: torch.Tensor, log_p_amateur: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """Auto-contrastive redistribution of the expert's head mass (after Gera et al. 2023).
+
+    log_p_expert, log_p_amateur: (B, k) log-probabilities over the same vocabulary set.
+    Head set V = {x : p_E(x) >= alpha * max p_E}. On V the mass Σ_V p_E is redistributed as
+    softmax(log p_E - log p_A) restricted to V; off V, p_E is kept. Returns (B, k) probabilities.
+    """
+    p_expert = log_p_expert.exp()
+    head = p_expert >= alpha * p_expert.max(dim=-1, keepdim=True).values
+    head_mass = torch.where(head, p_expert, torch.zeros_like(p_expert)).sum(dim=-1, keepdim=True)
+    contrast = torch.where(head, log_p_expert - log_p_amateur, torch.full_like(p_expert, -torch.inf))
+    redistributed = torch.softmax(contrast, dim=-1) * head_mass
+    return torch.where(head, redistributed, p_expert)
+
+
+def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (nats) between distributions along the last axis. (..., k) -> (...)."""
+    m = 0.5 * (p + q)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # 0 * log(0 / b) = 0; b > 0 wherever a > 0 because b is a mixture containing a
+        ratio = torch.where(a > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.ones_like(a))
+        return (a * ratio.log()).sum(dim=-1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+class ConfidenceScorer(ABC):
+    """Interface: ``score(view) -> (B,)`` confidences in [0, 1]."""
+
+    name: ClassVar[str]
+    #: whether ``score`` reads ``view.logits`` (False: the head is only evaluated when a row exits)
+    needs_logits: ClassVar[bool] = True
+
+    @abstractmethod
+    def score(self, view: ExitView) -> torch.Tensor:
+        """(B,) confidence per row, in [0, 1], on the device of the inputs."""
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able parameters that, with ``name``, fully describe this scorer."""
+        return {}
+
+    def validate(self, num_layers: int, min_exit_layer: int) -> None:
+        """Raise ValueError when the scorer cannot work with this decoder depth / min exit layer."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SoftmaxMax(ConfidenceScorer):
+    """Largest softmax probability of the exit head."""
+
+    name = "softmax-max"
+
+    def score(self, view: ExitView) -> torch.Tensor:
+        logits = view.logits.to(_compute_dtype(view.logits.dtype))
+        return torch.softmax(logits, dim=-1).max(dim=-1).values
+
+
+class SoftmaxMargin(ConfidenceScorer):
+    """Top-1 minus top-2 softmax probability of the exit head (the seed study's default)."""
+
+    name = "softmax-margin"
+
+    def score(self, view: ExitView) -> torch.Tensor:
+        logits = view.logits.to(_compute_dtype(view.logits.dtype))
+        return top1_minus_top2(torch.softmax(logits, dim=-1))
+
+
+class HiddenCosine(ConfidenceScorer):
+    """Hidden-state saturation: cosine similarity of h_ℓ and h_{ℓ-1}, clipped below at 0.
+
+    Clipping (instead of mapping (1 + cos) / 2) keeps thresholds on the cosine scale CALM reports;
+    a negative cosine can only ever clear λ = 0, where every row exits anyway.
+    """
+
+    name = "hidden-cosine"
+    needs_logits = False
+
+    def score(self, view: ExitView) -> torch.Tensor:
+        dtype = _compute_dtype(view.hidden.dtype)
+        cos = torch.nn.functional.cosine_similarity(
+            view.hidden.to(dtype), view.hidden_prev.to(dtype), dim=-1, eps=1e-12
+        )
+        return cos.clamp(min=0.0, max=1.0)
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be a number in (0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+class WeightedContrastive(ConfidenceScorer):
+    """Expert = layer ℓ, amateur = layer ``amateur_layer`` (default ⌊ℓ/2⌋; 0 is the embedding output).
+
+    Confidence = top-1 minus top-2 of :func:`contrast_distribution` (head set threshold ``alpha``).
+    """
+
+    name = "weighted-contrastive"
+
+    def __init__(self, amateur_layer: int | None = None, alpha: float = 0.1):
+        if amateur_layer is not None and (
+            isinstance(amateur_layer, bool) or not isinstance(amateur_layer, int) or amateur_layer < 0
+        ):
+            raise ValueError(f"amateur_layer must be None (⌊ℓ/2⌋) or an int >= 0, got {amateur_layer!r}")
+        self.amateur_layer = amateur_layer
+        self.alpha = _check_alpha(alpha)
+
+    def params(self) -> dict[str, Any]:
+        return {"amateur_layer": self.amateur_layer, "alpha": self.alpha}
+
+    def validate(self, num_layers: int, min_exit_layer: int) -> None:
+        if self.amateur_layer is not None and self.amateur_layer >= min_exit_layer:
+            raise ValueError(
+                f"amateur_layer={self.amateur_layer} must be below min_exit_layer={min_exit_layer} "
+                "(the amateur must be an earlier layer than every expert layer)"
+            )
+
+    def amateur_for(self, layer: int) -> int:
+        return layer // 2 if self.amateur_layer is None else self.amateur_layer
+
+    def score(self, view: ExitView) -> torch.Tensor:
+        dtype = _compute_dtype(view.logits.dtype)
+        log_p_expert = torch.log_softmax(view.logits.to(dtype), dim=-1)
+        log_p_amateur = torch.log_softmax(view.logits_at(self.amateur_for(view.layer)).to(dtype), dim=-1)
+        return top1_minus_top2(contrast_distribution(log_p_expert, log_p_amateur, self.alpha))
+
+
+class JSDContrastive(ConfidenceScorer):
+    """Amateur chosen per row among layers 0..ℓ-1 by the largest Jensen-Shannon divergence from the
+    expert, both restricted to the expert's head set V and renormalised (after DoLa); with
+    ``distance_discount`` the divergence to layer a is divided by (ℓ - a), as the seed study does.
+    Confidence = top-1 minus top-2 of :func:`contrast_distribution` with that amateur.
+    """
+
+    name = "jsd-contrastive"
+
+    def __init__(self, alpha: float = 0.1, distance_discount: bool = True):
+        if not isinstance(distance_discount, bool):
+            raise ValueError(f"distance_discount must be a bool, got {distance_discount!r}")
+        self.alpha = _check_alpha(alpha)
+        self.distance_discount = distance_discount
+
+    def params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "distance_discount": self.distance_discount}
+
+    def choose_amateur(self, log_p_expert: torch.Tensor, log_p_candidates: torch.Tensor, layer: int) -> torch.Tensor:
+        """log_p_expert (B, k); log_p_candidates (A, B, k) for layers 0..A-1 -> (B,) chosen layer index."""
+        p_expert = log_p_expert.exp()
+        head = p_expert >= self.alpha * p_expert.max(dim=-1, keepdim=True).values
+
+        def restricted(p: torch.Tensor) -> torch.Tensor:
+            p = torch.where(head, p, torch.zeros_like(p))
+            return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+        divergence = jensen_shannon(restricted(p_expert).unsqueeze(0), restricted(log_p_candidates.exp()))
+        if self.distance_discount:
+            n = log_p_candidates.shape[0]
+            distance = layer - torch.arange(n, device=divergence.device, dtype=divergence.dtype)
+            divergence = divergence / distance.unsqueeze(-1)
+        return divergence.argmax(dim=0)
+
+    def score(self, view: ExitView) -> torch.Tensor:
+        dtype = _compute_dtype(view.logits.dtype)
+        log_p_expert = torch.log_softmax(view.logits.to(dtype), dim=-1)
+        candidates = torch.stack(
+            [torch.log_softmax(view.logits_at(a).to(dtype), dim=-1) for a in range(view.layer)]
+        )  # (ℓ, B, k)
+        amateur = self.choose_amateur(log_p_expert, candidates, view.layer)  # (B,)
+        index = amateur.view(1, -1, 1).expand(1, *candidates.shape[1:])
+        log_p_amateur = candidates.gather(0, index).squeeze(0)
+        return top1_minus_top2(contrast_distribution(log_p_expert, log_p_amateur, self.alpha))
+
+
+SCORERS: dict[str, type[ConfidenceScorer]] = {
+    cls.name: cls for cls in (SoftmaxMax, SoftmaxMargin, HiddenCosine, WeightedContrastive, JSDContrastive)
+}
+
+
+def resolve_scorer(spec: str | ConfidenceScorer | tuple[str, dict[str, Any]]) -> ConfidenceScorer:
+    """A scorer from a registry name, an instance, or a ``(name, kwargs)`` pair."""
+    if isinstance(spec, ConfidenceScorer):
+        return spec
+    name, kwargs = _split_spec(spec, "scorer")
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; known scorers: {sorted(SCORERS)}")
+    try:
+        return SCORERS[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad parameters for scorer {name!r}: {err}") from None
+
+
+def _split_spec(spec: Any, kind: str) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
+        return spec[0], dict(spec[1])
+    raise TypeError(f"{kind} must be a name, an instance, or a (name, kwargs) pair; got {spec!r}")

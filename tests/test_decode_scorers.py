@@ -1,0 +1,212 @@
+"""Confidence scorers on hand-built distributions (expected values derived by hand or with scipy)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon as scipy_js_distance
+
+from ltt_exit.decode import SCORERS, ExitView, resolve_scorer
+from ltt_exit.decode.scorers import (
+    HiddenCosine,
+    JSDContrastive,
+    SoftmaxMargin,
+    SoftmaxMax,
+    WeightedContrastive,
+    contrast_distribution,
+    jensen_shannon,
+)
+
+
+def view_from_probs(probs, layer=2, amateur_probs=None, hidden=None, hidden_prev=None, dtype=torch.float64):
+    """An ExitView whose logits are log(probs); logits_at(a) returns amateur_probs[a] (a dict) as log-probs."""
+    logits = torch.log(torch.tensor([probs], dtype=dtype))
+    requested = []
+
+    def logits_at(a):
+        requested.append(a)
+        return torch.log(torch.tensor([amateur_probs[a]], dtype=dtype))
+
+    d = 4
+    view = ExitView(
+        layer=layer,
+        logits=logits,
+        hidden=torch.ones(1, d, dtype=dtype) if hidden is None else hidden,
+        hidden_prev=torch.ones(1, d, dtype=dtype) if hidden_prev is None else hidden_prev,
+        logits_at=logits_at,
+    )
+    return view, requested
+
+
+def numpy_contrast(p_expert, p_amateur, alpha):
+    """The ACD redistribution written out independently in numpy."""
+    p_expert, p_amateur = np.asarray(p_expert, float), np.asarray(p_amateur, float)
+    head = p_expert >= alpha * p_expert.max()
+    ratio = np.where(head, p_expert / p_amateur, 0.0)
+    out = p_expert.copy()
+    out[head] = ratio[head] / ratio[head].sum() * p_expert[head].sum()
+    return out
+
+
+def margin(p):
+    top = np.sort(np.asarray(p))[::-1]
+    return top[0] - top[1]
+
+
+def test_registry_names():
+    assert set(SCORERS) == {"softmax-max", "softmax-margin", "hidden-cosine", "weighted-contrastive", "jsd-contrastive"}
+    for name, cls in SCORERS.items():
+        assert cls.name == name
+
+
+def test_softmax_max_and_margin():
+    view, _ = view_from_probs([0.5, 0.3, 0.2])
+    assert SoftmaxMax().score(view).item() == pytest.approx(0.5, abs=1e-12)
+    assert SoftmaxMargin().score(view).item() == pytest.approx(0.2, abs=1e-12)
+    # order of the vocabulary does not matter
+    view, _ = view_from_probs([0.2, 0.5, 0.3])
+    assert SoftmaxMargin().score(view).item() == pytest.approx(0.2, abs=1e-12)
+
+
+def test_margin_of_single_entry_set_is_one():
+    view, _ = view_from_probs([1.0])
+    assert SoftmaxMargin().score(view).item() == pytest.approx(1.0)
+
+
+def test_batched_rows_are_scored_independently():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05], [0.4, 0.4, 0.2]], dtype=torch.float64))
+    view = ExitView(layer=1, logits=logits, hidden=torch.ones(3, 2), hidden_prev=torch.ones(3, 2))
+    assert SoftmaxMargin().score(view).tolist() == pytest.approx([0.2, 0.85, 0.0], abs=1e-12)
+    assert SoftmaxMax().score(view).tolist() == pytest.approx([0.5, 0.9, 0.4], abs=1e-12)
+
+
+def test_hidden_cosine():
+    h = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    prev = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [4.0, 3.0]], dtype=torch.float64)
+    view = ExitView(layer=1, logits=None, hidden=h, hidden_prev=prev)
+    # same direction 1; orthogonal 0; opposite -1 clipped to 0; (3,4).(4,3)/25 = 24/25
+    assert HiddenCosine().score(view).tolist() == pytest.approx([1.0, 0.0, 0.0, 0.96], abs=1e-12)
+    assert HiddenCosine.needs_logits is False
+
+
+def test_contrast_with_uniform_amateur_is_the_expert_itself():
+    p_expert = [0.5, 0.3, 0.15, 0.05]
+    uniform = [0.25] * 4
+    out = contrast_distribution(
+        torch.log(torch.tensor([p_expert], dtype=torch.float64)),
+        torch.log(torch.tensor([uniform], dtype=torch.float64)),
+        alpha=0.1,
+    )
+    assert out[0].tolist() == pytest.approx(p_expert, abs=1e-12)
+    view, _ = view_from_probs(p_expert, layer=4, amateur_probs={2: uniform})
+    assert WeightedContrastive().score(view).item() == pytest.approx(0.2, abs=1e-12)
+
+
+def test_contrast_with_identical_amateur_flattens_the_head():
+    # log p_E - log p_A = 0 on the head set: the head mass is spread evenly, so the margin is 0 there
+    p = [0.5, 0.3, 0.2]
+    view, _ = view_from_probs(p, layer=2, amateur_probs={1: p})
+    assert WeightedContrastive(alpha=0.1).score(view).item() == pytest.approx(0.0, abs=1e-12)
+    # alpha = 0.5: head {0.5, 0.3} shares 0.8 -> [0.4, 0.4, 0.2]
+    out = contrast_distribution(torch.log(torch.tensor([p])), torch.log(torch.tensor([p])), alpha=0.5)
+    assert out[0].tolist() == pytest.approx([0.4, 0.4, 0.2], abs=1e-6)
+
+
+def test_weighted_contrastive_hand_computed():
+    # ratios p_E/p_A = [2, 0.6, 0.8] -> [2, 0.6, 0.8] / 3.4 ; margin (2 - 0.8) / 3.4
+    view, _ = view_from_probs([0.5, 0.3, 0.2], layer=2, amateur_probs={1: [0.25, 0.5, 0.25]})
+    assert WeightedContrastive().score(view).item() == pytest.approx(1.2 / 3.4, abs=1e-12)
+    # alpha excludes the 0.1 token: head ratios [2, 0.5] -> [0.8, 0.2] * 0.9 = [0.72, 0.18]; margin 0.54
+    view, _ = view_from_probs([0.6, 0.3, 0.1], layer=2, amateur_probs={1: [0.3, 0.6, 0.1]})
+    assert WeightedContrastive(alpha=0.2).score(view).item() == pytest.approx(0.54, abs=1e-12)
+
+
+@pytest.mark.parametrize("layer, expected_amateur", [(1, 0), (2, 1), (3, 1), (4, 2), (7, 3)])
+def test_weighted_contrastive_default_amateur_is_half_the_layer(layer, expected_amateur):
+    p = [0.5, 0.3, 0.2]
+    view, requested = view_from_probs(p, layer=layer, amateur_probs={expected_amateur: [0.2, 0.3, 0.5]})
+    WeightedContrastive().score(view)
+    assert requested == [expected_amateur]
+
+
+def test_weighted_contrastive_fixed_amateur_layer():
+    view, requested = view_from_probs([0.5, 0.3, 0.2], layer=5, amateur_probs={0: [0.2, 0.3, 0.5]})
+    WeightedContrastive(amateur_layer=0).score(view)
+    assert requested == [0]
+    with pytest.raises(ValueError, match="below min_exit_layer"):
+        WeightedContrastive(amateur_layer=3).validate(num_layers=6, min_exit_layer=3)
+    WeightedContrastive(amateur_layer=2).validate(num_layers=6, min_exit_layer=3)
+
+
+def test_jensen_shannon_matches_scipy():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
+        q[2] = 0.0
+        q /= q.sum()
+        expected = scipy_js_distance(p, q) ** 2  # scipy returns the square root, natural log by default
+        got = jensen_shannon(torch.tensor(p), torch.tensor(q)).item()
+        assert got == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("discount", [False, True])
+def test_jsd_contrastive_picks_the_most_divergent_layer(discount):
+    p_expert = np.array([0.5, 0.3, 0.2])
+    candidates = {
+        0: np.array([0.2, 0.3, 0.5]),  # far from the expert, but 3 layers away
+        1: np.array([0.49, 0.31, 0.2]),  # almost the expert
+        2: np.array([0.25, 0.4, 0.35]),  # moderately far, 1 layer away
+    }
+    layer = 3
+    divergences = {a: scipy_js_distance(p_expert, q) ** 2 / ((layer - a) if discount else 1) for a, q in candidates.items()}
+    expected_amateur = max(divergences, key=divergences.get)
+    view, requested = view_from_probs(p_expert.tolist(), layer=layer, amateur_probs={a: q.tolist() for a, q in candidates.items()})
+    got = JSDContrastive(alpha=0.1, distance_discount=discount).score(view).item()
+    assert sorted(requested) == [0, 1, 2]
+    assert got == pytest.approx(margin(numpy_contrast(p_expert, candidates[expected_amateur], 0.1)), abs=1e-12)
+    # the two settings really choose differently on this example
+    assert expected_amateur == (2 if discount else 0)
+
+
+def test_jsd_restricts_to_the_head_set():
+    # alpha = 0.5 keeps only the first two tokens; candidate 0 differs from the expert only off the head
+    p_expert = np.array([0.6, 0.35, 0.05])
+    candidates = {0: np.array([0.6 * 0.4 / 0.95, 0.35 * 0.4 / 0.95, 0.6]), 1: np.array([0.5, 0.45, 0.05])}
+    scorer = JSDContrastive(alpha=0.5, distance_discount=False)
+    log_expert = torch.log(torch.tensor(p_expert[None, :]))
+    stacked = torch.log(torch.tensor(np.stack([candidates[0], candidates[1]])[:, None, :]))
+    # restricted to the head, candidate 0 equals the expert (JSD 0): layer 1 must be chosen
+    assert scorer.choose_amateur(log_expert, stacked, layer=2).tolist() == [1]
+
+
+def test_scores_are_in_unit_interval_and_keep_the_dtype():
+    torch.manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        logits = (torch.randn(5, 40) * 6).to(dtype)
+        hidden, prev = torch.randn(5, 8).to(dtype), torch.randn(5, 8).to(dtype)
+        amateurs = {a: (torch.randn(5, 40) * 6).to(dtype) for a in range(4)}
+        view = ExitView(layer=4, logits=logits, hidden=hidden, hidden_prev=prev, logits_at=lambda a: amateurs[a])
+        for name in SCORERS:
+            conf = resolve_scorer(name).score(view)
+            assert conf.shape == (5,)
+            assert conf.dtype == torch.promote_types(dtype, torch.float32)
+            assert bool(((conf >= 0) & (conf <= 1)).all()), (name, dtype, conf)
+
+
+def test_resolve_scorer():
+    assert isinstance(resolve_scorer("softmax-margin"), SoftmaxMargin)
+    instance = WeightedContrastive(amateur_layer=1)
+    assert resolve_scorer(instance) is instance
+    made = resolve_scorer(("jsd-contrastive", {"alpha": 0.2, "distance_discount": False}))
+    assert made.params() == {"alpha": 0.2, "distance_discount": False}
+    with pytest.raises(ValueError, match="unknown scorer 'entropy'"):
+        resolve_scorer("entropy")
+    with pytest.raises(ValueError, match="bad parameters"):
+        resolve_scorer(("softmax-max", {"temperature": 2}))
+    with pytest.raises(TypeError):
+        resolve_scorer(3)
+    with pytest.raises(ValueError, match="alpha"):
+        WeightedContrastive(alpha=0.0)
+    with pytest.raises(ValueError, match="amateur_layer"):
+        WeightedContrastive(amateur_layer=-1)
+    assert not math.isnan(WeightedContrastive().alpha)
