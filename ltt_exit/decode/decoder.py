@@ -51,9 +51,16 @@ class _StepHeads:
         self._memo: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
 
     def __call__(self, layer: int, ids: torch.Tensor | None, count_for: torch.Tensor | None) -> torch.Tensor:
+        full = None
         for memo_layer, memo_ids, logits in self._memo:
             if memo_layer == layer and memo_ids is ids:
                 return logits
+            if memo_layer == layer and memo_ids is None:
+                full = logits
+        if full is not None:  # this layer's full head is known: a subset costs nothing
+            logits = full.gather(-1, ids)
+            self._memo.append((layer, ids, logits))
+            return logits
         logits = self.backend.head(self.hiddens[layer], ids)
         if count_for is not None:
             self.count(count_for, logits.shape[-1])
