@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     # name -> (module, attribute); filled in as stages land
+    "EarlyExitDecoder": ("ltt_exit.decode", "EarlyExitDecoder"),
 }
 
 
