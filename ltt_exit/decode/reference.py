@@ -142,10 +142,9 @@ def reference_generate(decoder, prompt_ids: list[int], threshold: float, max_new
             mask_arguments = dict(
                 config=backend.config, inputs_embeds=embeddings, attention_mask=None, cache=None, position_ids=position_ids
             )
-            masks = {
-                "full_attention": create_causal_mask(**mask_arguments),
-                "sliding_attention": create_sliding_window_causal_mask(**mask_arguments),
-            }
+            masks = {"full_attention": create_causal_mask(**mask_arguments)}
+            if "sliding_attention" in backend.layer_types:
+                masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_arguments)
 
             def layer_fn(index, states):
                 return backend.layers[index](
