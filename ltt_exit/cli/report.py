@@ -1,0 +1,77 @@
+"""ltt-report: check a loss table with the CALM protocol (many random calibration/test splits)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+Check what a certificate would buy on a loss table, the way CALM validates its guarantee.
+
+For each of --trials random splits of the table's examples (--calibration-fraction for
+calibration, the rest for testing) and for each δ in --deltas, ltt-report certifies λ on the
+calibration part and measures on the test part: the certified λ, mean layers used, estimated
+speed-up (layers / mean layers used), the test risk, and whether the test risk exceeded δ.
+The violation rate over trials should stay near or below ε (up to the noise of a finite test
+split). Writes report.md and PNG plots to --out.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltt-report", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", type=Path, help="loss table (.parquet written by ltt-calibrate, or a wide CSV)")
+    parser.add_argument("--deltas", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2],
+                        help="risk tolerances δ to evaluate (default: 0.05 0.1 0.15 0.2)")
+    parser.add_argument("--epsilon", type=float, default=0.05,
+                        help="allowed failure probability ε (default 0.05)")
+    parser.add_argument("--trials", type=int, default=200, help="random splits (default 200)")
+    parser.add_argument("--calibration-fraction", type=float, default=0.8,
+                        help="share of examples used to calibrate in each split (default 0.8)")
+    parser.add_argument("--pvalue", default="hoeffding-bentkus", help="p-value method (default hoeffding-bentkus)")
+    parser.add_argument("--procedure", default="fixed-sequence", help="family-wise error procedure")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random splits")
+    parser.add_argument("--out", type=Path, default=Path("ltt-report"), help="output folder (default ./ltt-report)")
+    parser.add_argument("--no-plots", action="store_true", help="write only report.md")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ltt_exit._atomic import atomic_write_text
+    from ltt_exit.loss_table import LossTable
+    from ltt_exit.report import markdown_table, plot_report, split_trials
+
+    try:
+        for delta in args.deltas:
+            if not 0.0 < delta < 1.0:
+                raise ValueError(f"δ must be in (0, 1), got {delta}")
+        if not 0.0 < args.epsilon < 1.0:
+            raise ValueError(f"ε must be in (0, 1), got {args.epsilon}")
+        table = LossTable.load(args.table)
+        summaries = split_trials(table, args.deltas, args.epsilon, trials=args.trials,
+                                 calibration_fraction=args.calibration_fraction,
+                                 pvalue=args.pvalue, procedure=args.procedure, seed=args.seed)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+        print(f"ltt-report: error: {err}", file=sys.stderr)
+        return 2
+    md = markdown_table(summaries)
+    meta = table.metadata
+    header = (f"# ltt-report: {args.table}\n\n"
+              f"{table.n} examples × {table.K} candidates; metric {meta.get('metric', '?')}, "
+              f"loss {meta.get('loss', '?')}, layers {meta.get('num_layers', '?')}; "
+              f"p-value {args.pvalue}, procedure {args.procedure}; "
+              f"{args.trials} random {args.calibration_fraction:.0%}/{1 - args.calibration_fraction:.0%} splits.\n\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plots = [] if args.no_plots else plot_report(table, summaries, args.out, epsilon=args.epsilon,
+                                                 pvalue=args.pvalue)
+    body = header + md + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+    atomic_write_text(args.out / "report.md", body)
+    print(md)
+    print(f"wrote {args.out / 'report.md'}" + (f" and {len(plots)} plots" if plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
