@@ -156,16 +156,25 @@ class MultiStart(Procedure):
 
 
 class _StatsmodelsProcedure(Procedure):
-    """A single-step or step-down procedure delegated to ``statsmodels`` ``multipletests``."""
+    """A single-step or step-down procedure from ``statsmodels`` ``multipletests``.
+
+    One family (1-D p-values, what ``certify`` passes) goes to ``multipletests`` itself. Stacks of
+    families (simulations over thousands of draws) use :meth:`_batch`, the same rule written with
+    array operations and the same floating-point thresholds: ``multipletests`` runs a full garbage
+    collection on every Holm call, which makes a per-row loop take minutes. The tests check that
+    both paths agree.
+    """
 
     method: ClassVar[str] = ""
 
     def _select(self, pvalues, epsilon):
-        flat = pvalues.reshape(-1, pvalues.shape[-1])
-        mask = np.empty(flat.shape, dtype=bool)
-        for row, p in enumerate(flat):
-            mask[row] = multipletests(p, alpha=epsilon, method=self.method)[0]
-        return mask.reshape(pvalues.shape)
+        if pvalues.ndim == 1:
+            return np.asarray(multipletests(pvalues, alpha=epsilon, method=self.method)[0], dtype=bool)
+        return self._batch(pvalues, epsilon)
+
+    @abstractmethod
+    def _batch(self, pvalues: np.ndarray, epsilon: float) -> np.ndarray:
+        ...
 
 
 class Bonferroni(_StatsmodelsProcedure):
@@ -174,12 +183,24 @@ class Bonferroni(_StatsmodelsProcedure):
     name = "bonferroni"
     method = "bonferroni"
 
+    def _batch(self, pvalues, epsilon):
+        return pvalues <= epsilon / float(pvalues.shape[-1])
+
 
 class Holm(_StatsmodelsProcedure):
     """Holm's step-down: sort p ascending, reject p_(i) ≤ ε / (K - i + 1) until the first failure."""
 
     name = "holm"
     method = "holm"
+
+    def _batch(self, pvalues, epsilon):
+        k = pvalues.shape[-1]
+        order = np.argsort(pvalues, axis=-1)
+        sorted_p = np.take_along_axis(pvalues, order, axis=-1)
+        rejected_sorted = np.logical_and.accumulate(sorted_p <= epsilon / np.arange(k, 0, -1), axis=-1)
+        rejected = np.empty_like(rejected_sorted)
+        np.put_along_axis(rejected, order, rejected_sorted, axis=-1)
+        return rejected
 
 
 #: family-wise error procedures by name
