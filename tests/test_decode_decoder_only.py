@@ -210,8 +210,9 @@ def test_cost_account():
     # token t comes from the pass of position 5 + t, which attends over 6 + t positions
     expected_full = sum(L * llama_layer_flops(config, 6 + t) + 2 * d * VOCAB for t in range(n))
     assert full.cost.full_flops == pytest.approx(expected_full)
-    # the first token is the prefill's (one full head); each later token consults layers 1 and 2 then the final head
-    assert full.cost.head_rows == VOCAB + (n - 1) * 3 * VOCAB
+    # λ >= 1 consults no intermediate head: one full head per token (the first from the prefill)
+    assert full.cost.head_rows == n * VOCAB
+    assert full.cost.flops == pytest.approx(full.cost.full_flops)
     assert full.cost.layers_run == L * n
     assert full.cost.prefill_flops == pytest.approx(sum(L * llama_layer_flops(config, p + 1) for p in range(5)))
     early = decoder.generate(input_ids=prompt, threshold=0.0, max_new_tokens=n, eos_token_id=[])[0]

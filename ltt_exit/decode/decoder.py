@@ -354,6 +354,10 @@ class EarlyExitDecoder:
         confidences = torch.full((batch,), math.nan, dtype=self.compute_dtype, device=device)
         head_rows = torch.zeros(batch, dtype=torch.long, device=device)
         heads = _StepHeads(backend, hiddens, head_rows)
+        # rows with λ >= 1 (threshold inf) can never exit: their exit heads are neither computed nor charged
+        may_exit = torch.isfinite(thresholds)
+        undecided_may_exit = undecided & may_exit
+        consult = bool(may_exit.any())
         set_ids = None
         everyone_exited = False
         for index in range(num_layers):
@@ -367,12 +371,15 @@ class EarlyExitDecoder:
             output = backend.run_layer(state, index, hidden)
             hidden = torch.where(undecided[:, None, None], output, hidden)  # exited rows keep their copied h_ℓ
             hiddens.append(hidden[:, 0])
-            if min_exit <= layer < num_layers:
-                exits, predicted, confidence, set_ids = self._consult(layer, heads, undecided, thresholds, set_ids)
+            if consult and min_exit <= layer < num_layers:
+                exits, predicted, confidence, set_ids = self._consult(
+                    layer, heads, undecided_may_exit, thresholds, set_ids
+                )
                 tokens = torch.where(exits, predicted, tokens)
                 exit_layers = torch.where(exits, torch.full_like(exit_layers, layer), exit_layers)
                 confidences = torch.where(exits, confidence.to(confidences.dtype), confidences)
                 undecided = undecided & ~exits
+                undecided_may_exit = undecided_may_exit & ~exits
                 everyone_exited = not bool(undecided.any())
         if not everyone_exited:
             final = heads(num_layers, None, undecided)  # the last layer always uses the full vocabulary
@@ -388,7 +395,8 @@ class EarlyExitDecoder:
         thresholds: torch.Tensor,
         set_ids: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Exit decision at consulted layer ``layer`` for the undecided rows.
+        """Exit decision at consulted layer ``layer`` for the rows where ``undecided`` (B,) is true
+        (still going up, and with a finite threshold); other rows' results are ignored by the caller.
 
         Returns exits (B,) bool, predicted token (B,), confidence (B,), the rows' vocabulary set (B, k) or None.
         """
