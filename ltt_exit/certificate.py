@@ -283,13 +283,17 @@ class Certificate:
             )
         _validate_schema(data, source)
         content = {k: v for k, v in data.items() if k != "digest"}
-        certificate = cls(**content)
-        if certificate.digest != data["digest"]:
+        # Digest first (an edit gets the clearest message), then the consistency checks.
+        recomputed = "sha256:" + hashlib.sha256(canonical_json(content)).hexdigest()
+        if recomputed != data["digest"]:
             raise CertificateError(
                 f"{source}: digest mismatch — the file was edited or corrupted after it was written "
-                f"(stored {data['digest']}, content gives {certificate.digest}). The digest detects "
+                f"(stored {data['digest']}, content gives {recomputed}). The digest detects "
                 "changes; it is not a signature. Re-run ltt-calibrate to produce a fresh certificate."
             )
+        certificate = cls(**content)
+        if certificate.digest != recomputed:  # e.g. an integer where a float belongs
+            raise CertificateError(f"{source}: the content does not survive normalisation; refusing it")
         return certificate
 
     @classmethod
