@@ -285,10 +285,9 @@ def _as_column_array(values, name: str) -> np.ndarray:
     if array.dtype.kind in "US":
         array = array.astype(object)
     if array.dtype == object:
-        flat = array.reshape(-1)
-        bad = next((v for v in flat if not isinstance(v, str)), None)
-        if bad is not None:
-            raise TypeError(f"column {name!r}: text columns must hold str only; found {bad!r}")
+        bad = [v for v in array.reshape(-1) if not isinstance(v, str)]
+        if bad:
+            raise TypeError(f"column {name!r}: text columns must hold str only; found {bad[0]!r}")
     elif array.dtype.kind not in "biuf":
         raise TypeError(f"column {name!r} has unsupported dtype {array.dtype}; use float, int, bool or str")
     return array
@@ -335,6 +334,8 @@ def _from_wide(frame, source: str, sidecar: dict | None) -> LossTable:
     import pandas as pd
 
     columns = [str(c) for c in frame.columns]
+    if len(frame) == 0:
+        raise LossTableError(f"{source}: the table has no rows: no examples (n = 0)")
     if len(set(columns)) != len(columns):
         duplicate = next(c for c in columns if columns.count(c) > 1)
         raise LossTableError(f"{source}: column {duplicate!r} appears more than once")
