@@ -9,11 +9,12 @@ drawn with known mean ``risks[j]``; the p-values and the procedure run on all dr
 fallback, risk 0, when nothing is certified). The *violation rate* is the fraction of draws whose
 chosen candidate has true risk > δ; LTT guarantees it is at most ε.
 
-Loss families (one latent uniform U_i per example, shared by all candidates, so losses grow along
-the grid as they do for real thresholds):
+Loss families, from uniforms U (by default one latent U_i per example, shared by all candidates,
+so losses grow along the grid as they do for real thresholds; ``shared_latent=False`` draws an
+independent U_ij per candidate instead):
 
-* ``"bernoulli"``:  L_ij = 1[U_i < r_j]           (mean r_j, losses in {0, 1})
-* ``"continuous"``: L_ij = U_i^{1/r_j - 1}        (mean r_j, losses in [0, 1]; L = 0 when r_j = 0)
+* ``"bernoulli"``:  L_ij = 1[U < r_j]           (mean r_j, losses in {0, 1})
+* ``"continuous"``: L_ij = U^{1/r_j - 1}        (mean r_j, losses in [0, 1]; L = 0 when r_j = 0)
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ __all__ = ["synthetic_losses", "batch_pvalues", "chosen_index", "SimulationResul
 FAMILIES = ("bernoulli", "continuous")
 
 
-def synthetic_losses(risks, n: int, draws: int, family: str, rng: np.random.Generator) -> np.ndarray:
+def synthetic_losses(
+    risks, n: int, draws: int, family: str, rng: np.random.Generator, *, shared_latent: bool = True
+) -> np.ndarray:
     """Losses of shape (draws, n, K) whose column j has true mean ``risks[j]``."""
     risks = np.asarray(risks, dtype=np.float64)
     if risks.ndim != 1 or (risks < 0).any() or (risks > 1).any():
         raise ValueError("risks must be a 1-D array of values in [0, 1]")
-    u = rng.random((draws, n, 1))
+    u = rng.random((draws, n, 1 if shared_latent else risks.size))
     if family == "bernoulli":
         return (u < risks).astype(np.float64)
     if family == "continuous":
@@ -95,11 +98,12 @@ def simulate(
     pvalues,
     procedures,
     seed: int = 0,
+    shared_latent: bool = True,
 ) -> list[SimulationResult]:
     """Run every p-value × procedure pair on the same ``draws`` synthetic calibration sets."""
     risks = np.asarray(risks, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    losses = synthetic_losses(risks, n, draws, family, rng)
+    losses = synthetic_losses(risks, n, draws, family, rng, shared_latent=shared_latent)
     safe = risks <= delta
     oracle = int(np.flatnonzero(safe)[-1]) if safe.any() else -1
     standard_error = float(np.sqrt(epsilon * (1 - epsilon) / draws))
