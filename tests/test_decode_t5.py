@@ -165,9 +165,10 @@ def test_per_row_thresholds_match_rows_decoded_alone():
     assert batch[3].cost.head_rows == VOCAB * len(batch[3].token_ids)
 
 
-def test_one_prompt_many_thresholds_as_rows():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_prompt_many_thresholds_as_rows(dtype):
     # how the calibration sweep batches the candidate thresholds of one prompt
-    model = tiny_t5(**T5_CONFIGS["untied-gatedgelu-4L-4H"], dtype=torch.float64)
+    model = tiny_t5(**T5_CONFIGS["untied-gatedgelu-4L-4H"], dtype=dtype)
     decoder = EarlyExitDecoder(model, scorer="jsd-contrastive")
     prompt = make_prompts(1, seed=9)[0]
     grid = [1.0, 0.9, 0.7, 0.5, 0.3, 0.0]

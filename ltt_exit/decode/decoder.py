@@ -243,7 +243,8 @@ class EarlyExitDecoder:
                 mask = attention_mask if attention_mask.ndim == 2 else attention_mask.unsqueeze(0)
                 if mask.shape != ids.shape:
                     raise ValueError(
-                        f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(ids.shape)}"
+                        f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+                        f"input_ids {tuple(ids.shape)}"
                     )
         else:
             if attention_mask is not None:

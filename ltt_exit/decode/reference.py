@@ -140,7 +140,11 @@ def reference_generate(decoder, prompt_ids: list[int], threshold: float, max_new
             position_ids = torch.arange(ids.shape[1], device=device)[None]
             rotary = base.rotary_emb(embeddings, position_ids)
             mask_arguments = dict(
-                config=backend.config, inputs_embeds=embeddings, attention_mask=None, cache=None, position_ids=position_ids
+                config=backend.config,
+                inputs_embeds=embeddings,
+                attention_mask=None,
+                cache=None,
+                position_ids=position_ids,
             )
             masks = {"full_attention": create_causal_mask(**mask_arguments)}
             if "sliding_attention" in backend.layer_types:

@@ -31,7 +31,9 @@ def check_thresholds(threshold: float | Sequence[float], batch_size: int) -> lis
         except (TypeError, ValueError):
             raise TypeError(f"threshold must be a float or a sequence of floats, got {threshold!r}") from None
         if len(values) != batch_size:
-            raise ValueError(f"got {len(values)} thresholds for a batch of {batch_size} rows; give one per row or a float")
+            raise ValueError(
+                f"got {len(values)} thresholds for a batch of {batch_size} rows; give one per row or a float"
+            )
     for value in values:
         if math.isnan(value) or value < 0:
             raise ValueError(f"thresholds must be >= 0 (and not NaN), got {value}")

@@ -82,7 +82,9 @@ def _causal_lm(config_class, model_class, *, seed, dtype, **config_kwargs):
     return model.to(dtype).eval()
 
 
-def _decoder_only_defaults(vocab_size, hidden_size, num_layers, num_heads, num_key_value_heads, tied, initializer_range):
+def _decoder_only_defaults(
+    vocab_size, hidden_size, num_layers, num_heads, num_key_value_heads, tied, initializer_range
+):
     return dict(
         initializer_range=initializer_range,
         vocab_size=vocab_size,
@@ -179,7 +181,9 @@ def tiny_word_tokenizer(vocab_size: int, *, pad_id: int = 0, bos_id: int | None 
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unknown))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     single = " ".join((["<s>"] if add_bos else []) + ["$A"] + (["</s>"] if add_eos else []))
-    special_tokens = [(name, i) for i, name in specials.items() if (name == "<s>" and add_bos) or (name == "</s>" and add_eos)]
+    added = {"<s>"} if add_bos else set()
+    added |= {"</s>"} if add_eos else set()
+    special_tokens = [(name, i) for i, name in specials.items() if name in added]
     tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=special_tokens)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
