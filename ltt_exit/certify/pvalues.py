@@ -217,13 +217,15 @@ def _wsr(losses: np.ndarray, order: np.ndarray, delta: float, epsilon: float) ->
     n, k = losses.shape
     c0 = 2.0 * math.log(1.0 / epsilon) / n
     out = np.empty(k, dtype=np.float64)
-    if k < _NARROW:
-        # Few candidates: one contiguous row per candidate, cumulative sums along it.
-        out[:] = _wsr_transposed(np.ascontiguousarray(losses[order].T), delta, c0)
-        return out
-    for j0 in range(0, k, _MAX_COLUMNS):
-        j1 = min(k, j0 + _MAX_COLUMNS)
-        out[j0:j1] = _wsr_row_blocks(losses, order, j0, j1, delta, c0)
+    # The running product may overflow (p → 0, correct) or underflow (harmless, see above).
+    with np.errstate(over="ignore", under="ignore"):
+        if k < _NARROW:
+            # Few candidates: one contiguous row per candidate, cumulative sums along it.
+            out[:] = _wsr_transposed(np.ascontiguousarray(losses[order].T), delta, c0)
+            return out
+        for j0 in range(0, k, _MAX_COLUMNS):
+            j1 = min(k, j0 + _MAX_COLUMNS)
+            out[j0:j1] = _wsr_row_blocks(losses, order, j0, j1, delta, c0)
     return out
 
 
