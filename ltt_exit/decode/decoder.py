@@ -44,10 +44,12 @@ class _StepHeads:
     hiddens[a]: (B, d) state after layer a (a = 0: the input embedding). head_rows: (B,) long counter.
     """
 
-    def __init__(self, backend: ExitBackend, hiddens: list[torch.Tensor], head_rows: torch.Tensor):
+    def __init__(self, backend: ExitBackend, hiddens: list[torch.Tensor], head_rows: torch.Tensor,
+                 exit_adapters: Any = None):
         self.backend = backend
         self.hiddens = hiddens
         self.head_rows = head_rows
+        self.exit_adapters = exit_adapters
         self._memo: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
 
     def __call__(self, layer: int, ids: torch.Tensor | None, count_for: torch.Tensor | None) -> torch.Tensor:
@@ -61,7 +63,12 @@ class _StepHeads:
             logits = full.gather(-1, ids)
             self._memo.append((layer, ids, logits))
             return logits
-        logits = self.backend.head(self.hiddens[layer], ids)
+        hidden = self.hiddens[layer]
+        if self.exit_adapters is not None and layer < self.backend.num_layers:
+            # exit adapters map h_ℓ towards the final hidden state before the model's own head; the
+            # last layer never goes through one, so the full model's predictions are unchanged
+            hidden = self.exit_adapters.apply(layer, hidden)
+        logits = self.backend.head(hidden, ids)
         if count_for is not None:
             self.count(count_for, logits.shape[-1])
         self._memo.append((layer, ids, logits))
@@ -105,6 +112,7 @@ class EarlyExitDecoder:
         min_exit_layer: int = 1,
         tau: float = 0.0,
         device: str | torch.device | None = None,
+        exit_adapters: Any = None,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a transformers model (torch.nn.Module), got {type(model).__name__}")
@@ -127,6 +135,9 @@ class EarlyExitDecoder:
         self.pruning = resolve_pruning(pruning)
         self.pruning.validate(self.backend.vocab_size, self.num_layers, min_exit_layer)
         self.schedule = ThresholdSchedule(tau)
+        #: optional per-layer maps applied to h_ℓ before the exit head (ltt_exit.decode.adapters);
+        #: an object with ``apply(layer, hidden (B, d)) -> (B, d)`` and ``describe() -> dict``
+        self.exit_adapters = exit_adapters
         #: once every row of a batch has exited, compute only the K/V projections of the remaining layers
         #: (False: run the full layers and discard their outputs; same results, used by the tests)
         self.kv_only_when_all_exited = True
@@ -162,6 +173,7 @@ class EarlyExitDecoder:
             "threshold_schedule": THRESHOLD_SCHEDULE,
             "state_propagation": "copied hidden state; each skipped layer's own K/V projections (K rotated for RoPE)",
             "final_layer_vocabulary": "full",
+            "exit_adapters": None if self.exit_adapters is None else self.exit_adapters.describe(),
             "decoding": "greedy",
         }
 
@@ -354,7 +366,7 @@ class EarlyExitDecoder:
         exit_layers = torch.full((batch,), num_layers, dtype=torch.long, device=device)
         confidences = torch.full((batch,), math.nan, dtype=self.compute_dtype, device=device)
         head_rows = torch.zeros(batch, dtype=torch.long, device=device)
-        heads = _StepHeads(backend, hiddens, head_rows)
+        heads = _StepHeads(backend, hiddens, head_rows, self.exit_adapters)
         # rows with λ >= 1 (threshold inf) can never exit: their exit heads are neither computed nor charged
         may_exit = torch.isfinite(thresholds)
         undecided_may_exit = undecided & may_exit
