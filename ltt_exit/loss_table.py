@@ -452,6 +452,11 @@ def _load_parquet(path: Path) -> LossTable:
             f"{source}: the columns do not match the header's grid of {len(lambdas)} λ values ({detail})"
         )
     n = len(frame)
+    if header.get("n", n) != n or header.get("K", len(lambdas)) != len(lambdas):
+        raise LossTableError(
+            f"{source}: the header says n = {header.get('n')}, K = {header.get('K')} but the file holds "
+            f"{n} rows and {len(lambdas)} λ values"
+        )
     try:
         return LossTable(
             frame[expected_losses].to_numpy(dtype=np.float64),

@@ -151,6 +151,16 @@ def test_parquet_whose_columns_do_not_match_the_header_grid(tmp_path):
         LossTable.load(path)
 
 
+def test_parquet_whose_row_count_does_not_match_the_header(tmp_path):
+    table = make_table()
+    path = tmp_path / "t.parquet"
+    header = table.header()
+    header["n"] = 7
+    _write_with_header(path, table.to_pandas(), header)
+    with pytest.raises(LossTableError, match="n = 7"):
+        LossTable.load(path)
+
+
 def test_parquet_with_unknown_format_version_or_damaged_file(tmp_path):
     table = make_table()
     path = tmp_path / "t.parquet"
