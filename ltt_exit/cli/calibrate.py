@@ -44,6 +44,9 @@ written, and the summary says why."""
 
 _EPILOG = """\
 examples:
+  ltt-calibrate --delta 0.1 --epsilon 0.05          # the embedded default model, offline
+  ltt-calibrate --delta 0.1 --epsilon 0.05 --model ./my-t5 --recipe samsum \\
+      --data-files ../shared/data/samsum_validation.jsonl --size 500
   ltt-calibrate --delta 0.1 --epsilon 0.05 --table losses.parquet
   ltt-calibrate --delta 0.05 --epsilon 0.1 --table losses.csv --pvalue wsr --seed 1
   ltt-calibrate --delta 0.1 --epsilon 0.05 --table losses.parquet \\
@@ -131,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
              f"(default {DEFAULT_COST_COLUMN!r} when the table has it; 'none' to pick the certified λ "
              "furthest along the grid instead)",
     )
+    from ltt_exit.pipeline import add_model_options  # torch is imported only when decoding runs
+
+    add_model_options(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="certificate.json", metavar="PATH",
                         help="where to write the certificate JSON (default certificate.json)")
@@ -209,6 +215,24 @@ def _message(exc: BaseException) -> str:
     return str(exc)
 
 
+def _calibrate_with_model(args: argparse.Namespace) -> int:
+    """No --table: sweep the model over a calibration set (or reuse a cached sweep), then certify."""
+    from ltt_exit.pipeline import describe_outcome, loss_table_from_model
+
+    try:
+        _check_output(args)
+        table, info = loss_table_from_model(args)
+        certificate = run_certification(table, args)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        print(f"{PROG}: error: {_message(exc)}", file=sys.stderr)
+        return 2
+    if not getattr(args, "quiet", False):
+        print(describe_outcome(table, certificate, info))
+        print(f"loss table: {info['table_path']}")
+        print(f"apply it:   ltt-generate --certificate {args.out} \"Your prompt\"")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ltt-calibrate``; returns the exit status (0 ok, 2 bad input)."""
     parser = build_parser()
@@ -217,13 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed why
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.table is None:
-        print(
-            f"{PROG}: error: --table PATH is required for now: certifying by decoding a model over a "
-            "calibration set is not wired into ltt-calibrate yet. Produce a loss table "
-            "(docs/loss_table.md) and pass it with --table.",
-            file=sys.stderr,
-        )
-        return 2
+        return _calibrate_with_model(args)
     try:
         _check_output(args)
         table = LossTable.load(args.table)

@@ -1,0 +1,141 @@
+"""Apply a certificate: decode with exactly the configuration that was certified, or refuse.
+
+A certificate's guarantee holds only for the model, tokenizer and early-exit configuration it was
+calibrated with (pruning renormalises the softmax, a scorer changes the confidence scale, another
+dtype changes the numbers). :class:`CertifiedDecoder` rebuilds the decoder from the certificate,
+checks the model fingerprint and every decoder setting against it, and decodes at the certified λ
+with the certified token budget. Any difference is refused with a message naming what differs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from ltt_exit.certificate import Certificate
+
+__all__ = ["CertificateMismatch", "CertifiedDecoder", "decoder_settings", "config_differences"]
+
+
+class CertificateMismatch(ValueError):
+    """The model or decoder configuration at hand is not the one the certificate was made for."""
+
+
+def decoder_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """EarlyExitDecoder keyword arguments that rebuild the decoder described by ``config``."""
+    try:
+        return {
+            "scorer": (config["scorer"]["name"], dict(config["scorer"]["params"])),
+            "pruning": (config["pruning"]["name"], dict(config["pruning"]["params"])),
+            "min_exit_layer": int(config["min_exit_layer"]),
+            "tau": float(config["tau"]),
+        }
+    except (KeyError, TypeError) as err:
+        raise CertificateMismatch(f"the certificate's decoder configuration is incomplete ({err})") from None
+
+
+def config_differences(certified: Any, current: Any, path: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like values ("" paths name the root)."""
+    if isinstance(certified, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(certified) | set(current), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in current:
+                out.append(f"{where}: certified {certified[key]!r}, now absent")
+            elif key not in certified:
+                out.append(f"{where}: not in the certificate, now {current[key]!r}")
+            else:
+                out.extend(config_differences(certified[key], current[key], where))
+        return out
+    if isinstance(certified, (list, tuple)) and isinstance(current, (list, tuple)):
+        if len(certified) == len(current):
+            return [d for i, (a, b) in enumerate(zip(certified, current))
+                    for d in config_differences(a, b, f"{path}[{i}]")]
+    if certified != current:
+        return [f"{path or 'value'}: certified {certified!r}, now {current!r}"]
+    return []
+
+
+class CertifiedDecoder:
+    """An EarlyExitDecoder bound to a certificate.
+
+    certificate: a :class:`Certificate` or the path of its JSON file (validated on load).
+    model:       a LoadedModel (from :func:`ltt_exit.models.load_model`), a model name/path to load,
+                 or None to load the model the certificate names.
+    device:      where to run ("cpu", "cuda", …; default: CUDA when present).
+    """
+
+    def __init__(self, certificate: Certificate | str | Path, model: Any = None, *, device=None):
+        self.certificate = certificate if isinstance(certificate, Certificate) else Certificate.load(certificate)
+        meta = self.certificate.metadata
+        for key in ("model_fingerprint", "decoder", "max_new_tokens"):
+            if key not in meta:
+                raise CertificateMismatch(
+                    f"the certificate has no {key!r} in its metadata: it was certified from a loss table "
+                    "that did not come from an ltt-exit sweep, so there is no decoder configuration to apply"
+                )
+        from ltt_exit.models import LoadedModel, load_model
+
+        if isinstance(model, LoadedModel):
+            loaded = model
+        else:
+            name = model if model is not None else meta.get("model", {}).get("name")
+            if name is None:
+                raise CertificateMismatch("the certificate does not name its model; pass the model explicitly")
+            dtype = meta["decoder"].get("dtype")
+            loaded = load_model(str(name), device=device, dtype=dtype)
+        if loaded.fingerprint != meta["model_fingerprint"]:
+            detail = ""
+            certified_parts = meta.get("model_fingerprint_parts")
+            if certified_parts:
+                from ltt_exit.models import fingerprint_parts
+
+                now = fingerprint_parts(loaded.model, loaded.tokenizer)
+                differing = [k for k in certified_parts if certified_parts.get(k) != now.get(k)]
+                detail = f" ({', '.join(differing) or 'some part'} differ)"
+            raise CertificateMismatch(
+                f"refusing to decode: the model {loaded.name!r} (fingerprint {loaded.fingerprint}) is not the model "
+                f"this certificate was made for (fingerprint {meta['model_fingerprint']}){detail}. "
+                "Certify again for this model with ltt-calibrate."
+            )
+        from ltt_exit.decode import EarlyExitDecoder
+
+        self.loaded = loaded
+        self.decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, **decoder_settings(meta["decoder"]))
+        differences = config_differences(meta["decoder"], self.decoder.config_dict())
+        if differences:
+            raise CertificateMismatch(
+                "refusing to decode: the decoder configuration differs from the certified one: "
+                + "; ".join(differences)
+            )
+        self.threshold = float(self.certificate.lambda_hat)
+        self.max_new_tokens = int(meta["max_new_tokens"])
+
+    @property
+    def prompt_format(self) -> str:
+        return self.certificate.metadata.get("prompt_format", "raw")
+
+    def format(self, text: str) -> str:
+        """Format a user's text the way the calibration prompts were (chat template or raw)."""
+        if self.prompt_format == "chat-template":
+            from ltt_exit.models import format_prompt
+
+            return format_prompt(self.loaded, None, text)
+        return text
+
+    def generate(self, texts: Sequence[str], *, max_new_tokens: int | None = None, formatted: bool = False):
+        """Decode ``texts`` at the certified λ. Returns one DecodedSequence per text.
+
+        ``max_new_tokens`` other than the certified budget is refused: the budget is part of the
+        certified configuration (it sets the threshold decay and the output length the risk was measured on).
+        """
+        if max_new_tokens is not None and int(max_new_tokens) != self.max_new_tokens:
+            raise CertificateMismatch(
+                f"refusing to decode with max_new_tokens={max_new_tokens}: the certificate was made for "
+                f"max_new_tokens={self.max_new_tokens}"
+            )
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise ValueError("no prompts to decode")
+        prompts = list(texts) if formatted else [self.format(t) for t in texts]
+        return self.decoder.generate(prompts, threshold=self.threshold, max_new_tokens=self.max_new_tokens)

@@ -1,0 +1,108 @@
+"""ltt-generate: decode with a certified early-exit threshold."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+Decode prompts with the early-exit threshold a certificate certified.
+
+The certificate (written by ltt-calibrate) names the model, the decoder configuration (scorer,
+pruning, minimum exit layer, threshold decay) and the token budget it was certified for.
+ltt-generate loads that model, checks its fingerprint and rebuilds exactly that decoder; if
+anything differs — another model or tokenizer, a file edited by hand, another configuration —
+it refuses instead of decoding without the guarantee.
+
+Prompts come from the command line, from --file (one prompt per line, or JSON Lines with a
+"prompt" field), or from standard input. They are formatted like the calibration prompts
+(the chat template for instruct models).
+"""
+
+EPILOG = """\
+examples:
+  ltt-generate --certificate certificate.json "Continue the story: The river rose overnight."
+  ltt-generate --certificate certificate.json --file prompts.txt --json > outputs.jsonl
+  echo "Summarize: ..." | ltt-generate --certificate certificate.json --show-exits
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltt-generate", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompts", nargs="*", help="prompt texts (default: --file, else standard input)")
+    parser.add_argument("--certificate", required=True, type=Path, help="certificate JSON from ltt-calibrate")
+    parser.add_argument("--file", type=Path, help="prompts file: one per line, or .jsonl with a 'prompt' field")
+    parser.add_argument("--model", help="load the model from here instead of the name in the certificate "
+                                        "(it must still match the certified fingerprint)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present)")
+    parser.add_argument("--raw", action="store_true", help="send prompts as given, without the chat template")
+    parser.add_argument("--show-exits", action="store_true", help="print each token with its exit layer")
+    parser.add_argument("--json", action="store_true", help="one JSON object per prompt on standard output")
+    return parser
+
+
+def _read_prompts(args) -> list[str]:
+    if args.prompts:
+        return list(args.prompts)
+    if args.file is not None:
+        text = args.file.read_text(encoding="utf-8")
+        if args.file.suffix == ".jsonl":
+            prompts = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if "prompt" not in row:
+                    raise ValueError(f"{args.file}:{number}: no 'prompt' field")
+                prompts.append(str(row["prompt"]))
+            return prompts
+        return [line for line in text.splitlines() if line.strip()]
+    return [line for line in sys.stdin.read().splitlines() if line.strip()]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ltt_exit.apply import CertificateMismatch, CertifiedDecoder
+    from ltt_exit.certificate import CertificateError
+
+    try:
+        prompts = _read_prompts(args)
+        if not prompts:
+            raise ValueError("no prompts given (arguments, --file or standard input)")
+        certified = CertifiedDecoder(args.certificate, args.model, device=args.device)
+        outputs = certified.generate(prompts, formatted=args.raw)
+    except (CertificateMismatch, CertificateError) as err:
+        print(f"ltt-generate: refused: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, TypeError, OSError) as err:
+        print(f"ltt-generate: error: {err}", file=sys.stderr)
+        return 2
+    num_layers = certified.decoder.num_layers
+    tokenizer = certified.loaded.tokenizer
+    for prompt, seq in zip(prompts, outputs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": seq.text, "token_ids": seq.token_ids,
+                              "exit_layers": seq.exit_layers,
+                              "confidences": [None if c != c else c for c in seq.confidences],
+                              "mean_layers": seq.cost.mean_layers, "num_layers": num_layers},
+                             ensure_ascii=False))
+            continue
+        print(seq.text)
+        if args.show_exits:
+            pieces = [f"{tokenizer.decode([t])!r}@{layer}" for t, layer in zip(seq.token_ids, seq.exit_layers)]
+            print("  exits: " + " ".join(pieces))
+        print(f"  [{len(seq.token_ids)} tokens, mean exit layer {seq.cost.mean_layers:.2f} of {num_layers}, "
+              f"estimated speed-up {num_layers / seq.cost.mean_layers:.2f}×]" if seq.token_ids else "  [no tokens]")
+    if not args.json:
+        tokens = sum(len(s.token_ids) for s in outputs)
+        layers = sum(sum(s.exit_layers) for s in outputs)
+        cert = certified.certificate
+        print(f"λ = {certified.threshold:g} (certified at δ = {cert.delta:g}, ε = {cert.epsilon:g}, n = {cert.n}); "
+              f"{tokens} tokens, mean exit layer {layers / max(tokens, 1):.2f} of {num_layers}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

