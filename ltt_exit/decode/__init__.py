@@ -4,6 +4,7 @@
 """
 from .backends import BACKENDS, DecoderOnlyBackend, ExitBackend, T5Backend
 from .decoder import CONFIG_SCHEMA_VERSION, EarlyExitDecoder
+from .fast import FastEarlyExitDecoder
 from .outputs import CostAccount, DecodedSequence
 from .pruning import PRUNINGS, DecayingPruning, FixedPruning, NoPruning, VocabPruning, keep_best, resolve_pruning
 from .schedule import ThresholdSchedule
@@ -21,6 +22,7 @@ from .scorers import (
 
 __all__ = [
     "EarlyExitDecoder",
+    "FastEarlyExitDecoder",
     "DecodedSequence",
     "CostAccount",
     "SCORERS",
