@@ -19,9 +19,7 @@ from ltt_exit.sweep.run import DEFAULT_GRID, SweepSpec, sweep_config_key
 # within about two minutes on two CPU cores. docs/pipeline.md explains each choice.
 DEFAULTS = {
     "model": "smollm2-135m",
-    "recipe": "gensim-lee-continue",
-    "size": 100,
-    "max_new_tokens": 16,
+    "recipe": "lee-news-quick",  # 100 prompts, 16 new tokens (calibration_sets/lee-news-quick.yaml)
     "scorer": "softmax-margin",
     "pruning": "decaying",
     "min_exit_layer": 15,
@@ -63,12 +61,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             "see calibration_sets/)")
     model.add_argument("--data-files", nargs="+", default=None, metavar="PATH",
                        help="local data files for the recipe (e.g. ../shared/data/samsum_validation.jsonl)")
-    model.add_argument("--size", type=int, default=d["size"],
-                       help=f"number of calibration prompts n (default {d['size']}); larger n certifies "
-                            "tighter thresholds")
+    model.add_argument("--data-dir", default=None, metavar="DIR",
+                       help="folder holding the recipe's local file (e.g. ../shared/data for samsum, squad …)")
+    model.add_argument("--size", type=int, default=None,
+                       help="number of calibration prompts n (default: the recipe's sample size); larger n "
+                            "certifies tighter thresholds")
     model.add_argument("--sample-seed", type=int, default=0, help="seed of the recipe's sample (default 0)")
-    model.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
-                       help=f"token budget N per prompt (default {d['max_new_tokens']})")
+    model.add_argument("--max-new-tokens", type=int, default=None,
+                       help="token budget N per prompt (default: the recipe's)")
     model.add_argument("--scorer", default=d["scorer"],
                        help="confidence scorer: softmax-max, softmax-margin, hidden-cosine, "
                             f"weighted-contrastive, jsd-contrastive (default {d['scorer']})")
@@ -111,9 +111,9 @@ def loss_table_from_model(args: argparse.Namespace):
 
     if args.size is not None and args.size < 1:
         raise ValueError(f"--size must be at least 1, got {args.size}")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    spec_check = SweepSpec(lambdas=args.grid, max_new_tokens=args.max_new_tokens, loss=args.loss)
+    spec_check = SweepSpec(lambdas=args.grid, max_new_tokens=args.max_new_tokens or 1, loss=args.loss)
     recipe = load_recipe(args.recipe)
     started = time.perf_counter()
     _log(args, f"loading model {args.model!r} …")
@@ -122,7 +122,7 @@ def loss_table_from_model(args: argparse.Namespace):
     _log(args, f"  {loaded.source}; {loaded.num_layers} decoder layers; fingerprint {loaded.fingerprint[:19]}… "
                f"({time.perf_counter() - started:.1f}s)")
     calibration_set = recipe.load(size=args.size, seed=args.sample_seed, data_files=args.data_files,
-                                  family=loaded.family, tokenizer=loaded.tokenizer)
+                                  data_dir=args.data_dir, family=loaded.family, tokenizer=loaded.tokenizer)
     _log(args, f"calibration set: {calibration_set.describe()}")
 
     from ltt_exit.decode import EarlyExitDecoder
@@ -131,7 +131,7 @@ def loss_table_from_model(args: argparse.Namespace):
                                scorer=(args.scorer, args.scorer_params),
                                pruning=(args.pruning, args.pruning_params),
                                min_exit_layer=args.min_exit_layer, tau=args.tau)
-    spec = SweepSpec(lambdas=spec_check.lambdas, max_new_tokens=args.max_new_tokens,
+    spec = SweepSpec(lambdas=spec_check.lambdas, max_new_tokens=args.max_new_tokens or calibration_set.max_new_tokens,
                      metric=calibration_set.metric, loss=args.loss)
     key = sweep_config_key(loaded.fingerprint, decoder.config_dict(), calibration_set.fingerprint, spec)
     cache_root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
@@ -171,6 +171,21 @@ def _keep_copy(table, args) -> None:
         table.save(args.table_out)
 
 
+def smallest_certifying_n(pvalue: str, delta: float, epsilon: float, limit: int = 100_000) -> int | None:
+    """The fewest calibration examples with which a candidate with zero observed loss passes at ε."""
+    import numpy as np
+
+    from ltt_exit.certify import get_pvalue
+
+    method = get_pvalue(pvalue)
+    if not hasattr(method, "from_risk"):
+        return None  # order-dependent (WSR): no closed form
+    ns = np.arange(1, limit + 1)
+    p = np.asarray(method.from_risk(np.zeros(ns.size), ns, delta), dtype=float)
+    passing = np.nonzero(p <= epsilon)[0]
+    return int(ns[passing[0]]) if passing.size else None
+
+
 def describe_outcome(table, certificate, info) -> str:
     """Mean layers and estimated speed-up at the certified λ, and what n means for the guarantee."""
     import numpy as np
@@ -186,12 +201,11 @@ def describe_outcome(table, certificate, info) -> str:
     elif num_layers:
         lines.append(f"  no early exit: every token uses all {num_layers} layers")
     n = certificate.n
-    # Bentkus-type bounds certify a candidate only if its empirical risk is clearly below δ;
-    # with zero observed losses the smallest n that can certify at all is log(ε/e)/log(1−δ).
-    n_min = int(np.ceil(np.log(certificate.epsilon / np.e) / np.log(1 - certificate.delta)))
+    n_min = smallest_certifying_n(certificate.pvalue_method, certificate.delta, certificate.epsilon)
     lines.append(
         f"  n = {n} calibration prompts: with ε = {certificate.epsilon:g}, the guarantee holds for new prompts "
         f"drawn like these; a λ passes only if its observed risk is well below δ = {certificate.delta:g} "
-        f"(even zero observed losses need n ≥ {n_min}); more prompts (--size) certify lower λ."
+        + (f"(even zero observed losses need n ≥ {n_min}); " if n_min else "")
+        + "more prompts (--size) certify lower λ."
     )
     return "\n".join(lines)

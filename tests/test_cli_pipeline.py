@@ -1,0 +1,143 @@
+"""End to end through the real entry points: ltt-calibrate decodes a model, ltt-generate applies the
+certificate and refuses edited certificates, other models and other decoder configurations."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ltt_exit.decode.tiny_models import tiny_llama, tiny_word_tokenizer
+
+VOCAB = 96
+
+
+def _save_model(folder: Path, seed: int) -> Path:
+    model = tiny_llama(vocab_size=VOCAB, num_layers=4, seed=seed)
+    model.generation_config.eos_token_id = 1
+    model.save_pretrained(folder)
+    tiny_word_tokenizer(VOCAB).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    _save_model(root / "model", seed=0)
+    _save_model(root / "other-model", seed=1)
+    rng = np.random.default_rng(0)
+    with open(root / "data.jsonl", "w") as handle:
+        for i in range(40):
+            words = " ".join(f"w{w}" for w in rng.integers(3, VOCAB - 1, size=6))
+            handle.write(json.dumps({"id": f"row{i}", "text": words}) + "\n")
+    (root / "recipe.yaml").write_text(
+        "name: words\nsource:\n  kind: jsonl\nsplit: all\nfields:\n  id: id\n  text: text\n"
+        "templates:\n  decoder-only: \"{text}\"\nreference: null\nmetric: rouge-l\nmax_new_tokens: 4\n"
+        "sample:\n  seed: 0\n  size: null\n")
+    return root
+
+
+def _run(module: str, *args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          input=stdin, timeout=600)
+
+
+def _calibrate(root: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
+    return _run("ltt_exit.cli.calibrate", "--delta", "0.3", "--epsilon", "0.2", "--model", str(root / "model"),
+                "--recipe", str(root / "recipe.yaml"), "--data-files", str(root / "data.jsonl"),
+                "--grid", "1,0.9,0.6,0.3,0", "--min-exit-layer", "1", "--pruning", "none",
+                "--device", "cpu", "--cache-dir", str(root / "cache"), "--out", out, *extra, cwd=root)
+
+
+def test_calibrate_generate_round_trip_and_refusals(workspace):
+    root = workspace
+    first = _calibrate(root, "cert.json")
+    assert first.returncode == 0, first.stderr
+    assert "sweeping 5 candidate thresholds over 40 prompts" in first.stderr
+    assert "n = 40 calibration prompts" in first.stdout
+    cert = json.loads((root / "cert.json").read_text())
+    meta = cert["metadata"]
+    assert meta["model_fingerprint"].startswith("sha256:")
+    assert meta["decoder"]["min_exit_layer"] == 1 and meta["max_new_tokens"] == 4
+    assert cert["n"] == 40 and cert["lambdas"] == [1.0, 0.9, 0.6, 0.3, 0.0]
+
+    # same configuration again: the cached loss table is reused, no decoding
+    second = _calibrate(root, "cert2.json")
+    assert second.returncode == 0, second.stderr
+    assert "reusing the loss table" in second.stderr and "sweeping" not in second.stderr
+    assert json.loads((root / "cert2.json").read_text())["lambda_hat"] == cert["lambda_hat"]
+
+    # apply: decodes with the certified λ and reports per-token exits
+    gen = _run("ltt_exit.cli.generate", "--certificate", "cert.json", "--model", str(root / "model"),
+               "--device", "cpu", "--json", "w5 w6 w7", "w9 w10", cwd=root)
+    assert gen.returncode == 0, gen.stderr
+    rows = [json.loads(line) for line in gen.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["w5 w6 w7", "w9 w10"]
+    for row in rows:
+        assert len(row["exit_layers"]) == len(row["token_ids"]) >= 1
+        assert all(1 <= layer <= 4 for layer in row["exit_layers"])
+
+    # prompts from standard input
+    piped = _run("ltt_exit.cli.generate", "--certificate", "cert.json", "--model", str(root / "model"),
+                 "--device", "cpu", cwd=root, stdin="w3 w4\n")
+    assert piped.returncode == 0, piped.stderr
+    assert "mean exit layer" in piped.stdout
+
+    # a certificate edited by hand is refused
+    edited = dict(cert, lambda_hat=0.0)
+    (root / "edited.json").write_text(json.dumps(edited))
+    refused = _run("ltt_exit.cli.generate", "--certificate", "edited.json", "--model", str(root / "model"),
+                   "--device", "cpu", "w5", cwd=root)
+    assert refused.returncode == 3 and "refused" in refused.stderr
+
+    # another model is refused
+    other = _run("ltt_exit.cli.generate", "--certificate", "cert.json", "--model", str(root / "other-model"),
+                 "--device", "cpu", "w5", cwd=root)
+    assert other.returncode == 3 and "not the model this certificate was made for" in other.stderr
+
+
+def test_certified_decoder_refuses_another_configuration_and_budget(workspace):
+    from ltt_exit.apply import CertificateMismatch, CertifiedDecoder
+    from ltt_exit.certificate import Certificate
+    from ltt_exit.certify import certify
+
+    root = workspace
+    if not (root / "cert.json").exists():
+        assert _calibrate(root, "cert.json").returncode == 0
+    cert = Certificate.load(root / "cert.json")
+    certified = CertifiedDecoder(cert, str(root / "model"), device="cpu")
+    with pytest.raises(CertificateMismatch, match="max_new_tokens"):
+        certified.generate(["w5"], max_new_tokens=9)
+
+    meta = json.loads(json.dumps(cert.metadata))
+    meta["decoder"]["exit_rule"] = "some other rule"
+    tampered = certify(np.zeros((40, 2)), np.array([1.0, 0.5]), 0.3, 0.2, metadata=meta)
+    with pytest.raises(CertificateMismatch, match="exit_rule"):
+        CertifiedDecoder(tampered, str(root / "model"), device="cpu")
+
+    bare = certify(np.zeros((40, 2)), np.array([1.0, 0.5]), 0.3, 0.2)
+    with pytest.raises(CertificateMismatch, match="no 'model_fingerprint'"):
+        CertifiedDecoder(bare, str(root / "model"), device="cpu")
+
+
+def test_calibrate_bad_arguments(workspace):
+    root = workspace
+    bad_grid = _calibrate(root, "x.json", "--grid", "0.5,0.9")
+    assert bad_grid.returncode == 2 and "strictly decreasing" in bad_grid.stderr
+    assert not (root / "x.json").exists()
+    bad_layer = _calibrate(root, "y.json", "--min-exit-layer", "9")
+    assert bad_layer.returncode == 2 and "min_exit_layer" in bad_layer.stderr
+    assert not (root / "y.json").exists()
+    no_prompts = _run("ltt_exit.cli.generate", "--certificate", "missing.json", cwd=root, stdin="")
+    assert no_prompts.returncode == 2 and "no prompts" in no_prompts.stderr
+
+
+def test_help_texts_teach():
+    calibrate = _run("ltt_exit.cli.calibrate", "--help", cwd=Path.cwd())
+    assert calibrate.returncode == 0
+    assert "risk tolerance" in calibrate.stdout and "--recipe" in calibrate.stdout
+    generate = _run("ltt_exit.cli.generate", "--help", cwd=Path.cwd())
+    assert generate.returncode == 0 and "refuses" in generate.stdout
