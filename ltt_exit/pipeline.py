@@ -116,8 +116,24 @@ def loss_table_from_model(args: argparse.Namespace):
     spec_check = SweepSpec(lambdas=args.grid, max_new_tokens=args.max_new_tokens or 1, loss=args.loss)
     recipe = load_recipe(args.recipe)
     started = time.perf_counter()
+    rank, world_size, device = 0, 1, args.device
+    from ltt_exit.sweep.distributed import launched_distributed
+
+    if launched_distributed():
+        # one process per GPU (torchrun / accelerate launch): pick this rank's device, join the group
+        import torch
+
+        from ltt_exit.sweep.distributed import init_distributed
+
+        use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        rank, world_size, local_rank = init_distributed("cuda" if use_cuda else "cpu")
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        if rank != 0:
+            args.quiet = True
     _log(args, f"loading model {args.model!r} …")
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
+    loaded = load_model(args.model, device=device, dtype=args.dtype,
                         cache_dir=args.cache_dir)
     _log(args, f"  {loaded.source}; {loaded.num_layers} decoder layers; fingerprint {loaded.fingerprint[:19]}… "
                f"({time.perf_counter() - started:.1f}s)")
@@ -137,12 +153,14 @@ def loss_table_from_model(args: argparse.Namespace):
     cache_root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     cached = cache_root / "loss-tables" / (key.split(":", 1)[1][:32] + ".parquet")
     info = {"model": loaded, "decoder": decoder, "calibration_set": calibration_set, "table_path": cached,
-            "reused": False}
+            "reused": False, "rank": rank, "world_size": world_size}
     if cached.exists() and not args.no_table_cache:
         table = LossTable.load(cached)
         if table.metadata.get("sweep_config_key") == key:
             _log(args, f"reusing the loss table swept before with this configuration: {cached}")
             info["reused"] = True
+            if rank != 0:
+                return None, info
             _keep_copy(table, args)
             return table, info
     from ltt_exit.sweep import run_sweep
@@ -158,8 +176,17 @@ def loss_table_from_model(args: argparse.Namespace):
         "prompt_format": "chat-template" if calibration_set.chat_template_applied else "raw",
         "device": str(decoder.backend.device),
     }
-    result = run_sweep(decoder, calibration_set, spec, out_path=cached, model_fingerprint=loaded.fingerprint,
-                       metadata=metadata, progress=not getattr(args, "quiet", False))
+    if world_size > 1:
+        from ltt_exit.sweep.distributed import run_sweep_distributed
+
+        result = run_sweep_distributed(decoder, calibration_set, spec, out_path=cached,
+                                       model_fingerprint=loaded.fingerprint, metadata=metadata,
+                                       progress=not getattr(args, "quiet", False))
+        if rank != 0:
+            return None, info
+    else:
+        result = run_sweep(decoder, calibration_set, spec, out_path=cached, model_fingerprint=loaded.fingerprint,
+                           metadata=metadata, progress=not getattr(args, "quiet", False))
     info["sweep_seconds"] = result.seconds
     _log(args, f"sweep done in {result.seconds:.1f}s; loss table {cached}")
     _keep_copy(result.table, args)

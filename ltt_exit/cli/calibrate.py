@@ -222,6 +222,8 @@ def _calibrate_with_model(args: argparse.Namespace) -> int:
     try:
         _check_output(args)
         table, info = loss_table_from_model(args)
+        if table is None:  # a rank other than 0 of a distributed sweep: rank 0 certifies
+            return 0
         certificate = run_certification(table, args)
     except (ValueError, TypeError, KeyError, OSError) as exc:
         print(f"{PROG}: error: {_message(exc)}", file=sys.stderr)
