@@ -38,6 +38,11 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def _check_budget(max_new_tokens: Any) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+
+
 class _StepHeads:
     """Exit-head evaluations of one decoding step, memoised per (layer, vocabulary set) and counted per row.
 
@@ -77,6 +82,21 @@ class _StepHeads:
     def count(self, rows: torch.Tensor, width: int) -> None:
         """Charge ``width`` head rows to every row where ``rows`` (B,) bool is true."""
         self.head_rows += rows.to(self.head_rows.dtype) * width
+
+
+@dataclass
+class _LayerDecision:
+    """The exit head's verdict at one consulted layer, for every row of the batch.
+
+    confidence (B,), predicted (B,) token ids, set_ids (B, k) the rows' vocabulary set (None: full), and
+    exit_head_rows: head rows charged only to rows that exit here (a scorer that does not read the head
+    needs it only for the emitted token; 0 when the head was charged to every consulting row).
+    """
+
+    confidence: torch.Tensor
+    predicted: torch.Tensor
+    set_ids: torch.Tensor | None
+    exit_head_rows: int
 
 
 @dataclass
@@ -141,6 +161,8 @@ class EarlyExitDecoder:
         #: once every row of a batch has exited, compute only the K/V projections of the remaining layers
         #: (False: run the full layers and discard their outputs; same results, used by the tests)
         self.kv_only_when_all_exited = True
+        #: what the last ``generate_grid`` call shared (``ltt_exit.decode.grid.GridStats``); None before one
+        self.last_grid_stats = None
 
     # ---- description ------------------------------------------------------------------------------
     @property
@@ -211,14 +233,40 @@ class EarlyExitDecoder:
         max_new_tokens: N, the token budget (also the N of the threshold decay)
         eos_token_id:   stop ids (default: the model's generation config); [] never stops early
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        _check_budget(max_new_tokens)
         prompt = self._prepare_prompt(prompts, input_ids, attention_mask)
         batch_size = prompt.input_ids.shape[0]
         thresholds = check_thresholds(threshold, batch_size)
         eos = self._eos_ids(eos_token_id)
         records = self._decode(prompt, thresholds, max_new_tokens, eos)
         return [self._finish(record, prompt.lengths[row], thresholds[row]) for row, record in enumerate(records)]
+
+    @torch.inference_mode()
+    def generate_grid(
+        self,
+        prompts: Sequence[str] | None = None,
+        *,
+        input_ids: torch.Tensor | Sequence[Sequence[int]] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        lambdas: Sequence[float],
+        max_new_tokens: int,
+        eos_token_id: int | Sequence[int] | None = None,
+    ) -> tuple[list[DecodedSequence], list[list[DecodedSequence]]]:
+        """The threshold sweep's decoding: for every prompt the full model and each candidate λ of ``lambdas``.
+
+        Returns ``(full, early)``: ``full[i]`` is prompt i's full-model sequence (threshold +inf) and
+        ``early[i][j]`` its sequence at ``lambdas[j]`` — each what ``generate([prompt i], threshold=λ)`` gives
+        (tokens, exit layers, confidences, cost account). Candidates whose histories agree share one batch
+        row (``ltt_exit.decode.grid``); ``self.last_grid_stats`` (a ``GridStats``) says how many rows each
+        step decoded. Prompt arguments, ``max_new_tokens`` and ``eos_token_id`` are as for :meth:`generate`.
+        """
+        from .grid import decode_grid
+
+        _check_budget(max_new_tokens)
+        prompt = self._prepare_prompt(prompts, input_ids, attention_mask)
+        full, early, stats = decode_grid(self, prompt, lambdas, max_new_tokens, self._eos_ids(eos_token_id))
+        self.last_grid_stats = stats
+        return full, early
 
     def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
         if eos_token_id is None:
@@ -349,18 +397,38 @@ class EarlyExitDecoder:
         return records
 
     def _decode_position(
-        self, state: Any, inputs: torch.Tensor, thresholds: torch.Tensor
+        self,
+        state: Any,
+        inputs: torch.Tensor,
+        thresholds: torch.Tensor,
+        *,
+        consult_thresholds: torch.Tensor | None = None,
+        trace: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One new token for every row of the batch.
 
-        inputs: (B,) token ids fed at this position; thresholds: (B,) λ_t (compute dtype).
+        inputs:             (B,) token ids fed at this position
+        thresholds:         (B,) λ_t (compute dtype); a row exits at the first consulted layer whose
+                            confidence clears it (+inf: never)
+        consult_thresholds: (B,) λ_t up to which a row consults the exit heads (default: ``thresholds``;
+                            never above them). A row that clears its consult threshold but not its exit
+                            threshold stops consulting and runs on to layer L — a shared row of the sweep
+                            (``ltt_exit.decode.grid``) holding the full model beside candidates that exit.
+        trace:              optional recorder (``ltt_exit.decode.grid.StepTrace``): gets ``hiddens`` (the
+                            list of (B, d) states after each layer, filled as the step goes up) and one
+                            ``consulted(...)`` call per consulted layer.
+
         Returns tokens (B,), exit layers (B,) in [j, L], confidences (B,) (NaN where the row reached L),
         and exit-head rows computed per row (B,).
         """
         backend, num_layers, min_exit = self.backend, self.num_layers, self.min_exit_layer
         batch, device = inputs.shape[0], inputs.device
+        if consult_thresholds is None:
+            consult_thresholds = thresholds
         hidden = backend.begin_step(state, inputs)  # (B, 1, d) = h_0
         hiddens = [hidden[:, 0]]
+        if trace is not None:
+            trace.hiddens = hiddens
         undecided = torch.ones(batch, dtype=torch.bool, device=device)
         tokens = torch.zeros(batch, dtype=torch.long, device=device)
         exit_layers = torch.full((batch,), num_layers, dtype=torch.long, device=device)
@@ -368,9 +436,9 @@ class EarlyExitDecoder:
         head_rows = torch.zeros(batch, dtype=torch.long, device=device)
         heads = _StepHeads(backend, hiddens, head_rows, self.exit_adapters)
         # rows with λ >= 1 (threshold inf) can never exit: their exit heads are neither computed nor charged
-        may_exit = torch.isfinite(thresholds)
-        undecided_may_exit = undecided & may_exit
-        consult = bool(may_exit.any())
+        consulting = torch.isfinite(consult_thresholds)
+        consult = bool(consulting.any())
+        all_undecided = True
         set_ids = None
         everyone_exited = False
         for index in range(num_layers):
@@ -385,20 +453,65 @@ class EarlyExitDecoder:
             hidden = torch.where(undecided[:, None, None], output, hidden)  # exited rows keep their copied h_ℓ
             hiddens.append(hidden[:, 0])
             if consult and min_exit <= layer < num_layers:
-                exits, predicted, confidence, set_ids = self._consult(
-                    layer, heads, undecided_may_exit, thresholds, set_ids
-                )
-                tokens = torch.where(exits, predicted, tokens)
+                decision = self._exit_decision(layer, heads, consulting, set_ids)
+                set_ids, confidence = decision.set_ids, decision.confidence
+                passed = consulting & (confidence >= consult_thresholds)
+                exits = passed if consult_thresholds is thresholds else passed & (confidence >= thresholds)
+                if trace is not None:
+                    trace.consulted(layer, consulting, confidence, decision.predicted, head_rows,
+                                    decision.exit_head_rows)
+                if decision.exit_head_rows:
+                    heads.count(exits, decision.exit_head_rows)
+                tokens = torch.where(exits, decision.predicted, tokens)
                 exit_layers = torch.where(exits, torch.full_like(exit_layers, layer), exit_layers)
                 confidences = torch.where(exits, confidence.to(confidences.dtype), confidences)
                 undecided = undecided & ~exits
-                undecided_may_exit = undecided_may_exit & ~exits
-                everyone_exited = not bool(undecided.any())
+                consulting = consulting & ~passed
+                # one host read per consulted layer
+                flags = torch.stack((undecided.any(), undecided.all(), consulting.any())).tolist()
+                everyone_exited, all_undecided, consult = not flags[0], flags[1], flags[2]
         if not everyone_exited:
-            final = heads(num_layers, None, undecided)  # the last layer always uses the full vocabulary
-            tokens = torch.where(undecided, final.argmax(dim=-1), tokens)
+            # the last layer always uses the full vocabulary; computed only for the rows that reached it
+            if all_undecided:
+                tokens = heads(num_layers, None, undecided).argmax(dim=-1)
+            else:
+                rows = undecided.nonzero()[:, 0]
+                final = backend.head(hiddens[num_layers][rows], None)
+                heads.count(undecided, final.shape[-1])
+                tokens = tokens.index_put((rows,), final.argmax(dim=-1))
         backend.end_step(state)
         return tokens, exit_layers, confidences, head_rows
+
+    def _exit_decision(
+        self,
+        layer: int,
+        heads: _StepHeads,
+        consulting: torch.Tensor,
+        set_ids: torch.Tensor | None,
+    ) -> _LayerDecision:
+        """Confidence and prediction at consulted layer ``layer`` for every row; head rows are charged to
+        the rows where ``consulting`` (B,) is true (other rows' results are ignored by the caller), except
+        the head a scorer that does not read it needs only where a row exits (``exit_head_rows``)."""
+        # A scorer that does not read the head (hidden-cosine) only needs it for rows that exit.
+        head_always = self.scorer.needs_logits or not isinstance(self.pruning, NoPruning)
+        pruned = self.pruning.select(
+            layer,
+            min_exit_layer=self.min_exit_layer,
+            num_layers=self.num_layers,
+            prev_ids=set_ids,
+            head=lambda ids: heads(layer, ids, consulting if head_always else None),
+        )
+        view = ExitView(
+            layer=layer,
+            logits=pruned.logits,
+            hidden=heads.hiddens[layer],
+            hidden_prev=heads.hiddens[layer - 1],
+            logits_at=lambda amateur: heads(amateur, pruned.ids, consulting),
+        )
+        confidence = self.scorer.score(view)
+        best = pruned.logits.argmax(dim=-1)
+        predicted = best if pruned.ids is None else pruned.ids.gather(-1, best[:, None]).squeeze(-1)
+        return _LayerDecision(confidence, predicted, pruned.ids, 0 if head_always else pruned.logits.shape[-1])
 
     def _consult(
         self,
@@ -413,29 +526,11 @@ class EarlyExitDecoder:
 
         Returns exits (B,) bool, predicted token (B,), confidence (B,), the rows' vocabulary set (B, k) or None.
         """
-        # A scorer that does not read the head (hidden-cosine) only needs it for rows that exit.
-        head_always = self.scorer.needs_logits or not isinstance(self.pruning, NoPruning)
-        pruned = self.pruning.select(
-            layer,
-            min_exit_layer=self.min_exit_layer,
-            num_layers=self.num_layers,
-            prev_ids=set_ids,
-            head=lambda ids: heads(layer, ids, undecided if head_always else None),
-        )
-        view = ExitView(
-            layer=layer,
-            logits=pruned.logits,
-            hidden=heads.hiddens[layer],
-            hidden_prev=heads.hiddens[layer - 1],
-            logits_at=lambda amateur: heads(amateur, pruned.ids, undecided),
-        )
-        confidence = self.scorer.score(view)
-        exits = undecided & (confidence >= thresholds)
-        if not head_always:
-            heads.count(exits, pruned.logits.shape[-1])
-        best = pruned.logits.argmax(dim=-1)
-        predicted = best if pruned.ids is None else pruned.ids.gather(-1, best[:, None]).squeeze(-1)
-        return exits, predicted, confidence, pruned.ids
+        decision = self._exit_decision(layer, heads, undecided, set_ids)
+        exits = undecided & (decision.confidence >= thresholds)
+        if decision.exit_head_rows:
+            heads.count(exits, decision.exit_head_rows)
+        return exits, decision.predicted, decision.confidence, decision.set_ids
 
     def _finish(self, record: _RowRecord, prompt_length: int, threshold: float) -> DecodedSequence:
         backend, num_layers = self.backend, self.num_layers

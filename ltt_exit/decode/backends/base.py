@@ -107,6 +107,13 @@ class ExitBackend(ABC):
     def propagate_kv(self, state: Any, index: int, hidden: torch.Tensor) -> None:
         """Append layer ``index``'s self-attention K/V computed from hidden (B, 1, d) to the cache only."""
 
+    def overwrite_last_kv(self, state: Any, index: int, rows: torch.Tensor, hidden: torch.Tensor) -> None:
+        """After ``end_step``: replace the self-attention K/V of the newest position of batch rows ``rows``
+        (R,) long at layer ``index`` with the K/V projections of hidden (R, 1, d) — exactly what
+        ``propagate_kv`` appends for a row whose token froze at that state (rotary K rotated at the row's
+        position). The sweep's shared rows use it after copying a row for candidates that exited lower."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement overwrite_last_kv")
+
     def end_step(self, state: Any) -> None:
         """Advance per-step bookkeeping after all layers ran."""
 
@@ -116,7 +123,8 @@ class ExitBackend(ABC):
 
     @abstractmethod
     def select_rows(self, state: Any, keep: torch.Tensor) -> None:
-        """Keep only batch rows ``keep`` (1-D long tensor) in the state and its cache."""
+        """Rebuild the batch as rows ``keep`` (1-D long tensor) of the state and its cache: drops rows, and a
+        repeated index duplicates a row (every per-row piece of state is copied)."""
 
     # ---- cost model (FLOPs = 2 x multiply-accumulates; norms, softmax, rotary ignored) -------------
     @abstractmethod

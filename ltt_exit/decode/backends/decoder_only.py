@@ -126,16 +126,30 @@ class DecoderOnlyBackend(ExitBackend):
             use_cache=True,
         )
 
-    def propagate_kv(self, state: DecoderOnlyState, index: int, hidden: torch.Tensor) -> None:
+    def _kv_projections(
+        self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s self-attention K (rotated by cos/sin) and V of hidden (B, 1, d): (B, kv_heads, 1, hd)."""
         layer = self.layers[index]
         attention = layer.self_attn
         normed = layer.input_layernorm(hidden)
         shape = (hidden.shape[0], hidden.shape[1], -1, self.head_dim)
         keys = attention.k_proj(normed).view(shape).transpose(1, 2)
         values = attention.v_proj(normed).view(shape).transpose(1, 2)
-        cos, sin = state.position_embeddings
         _, keys = self._apply_rotary(keys, keys, cos, sin)  # K rotated at the token's own position
+        return keys, values
+
+    def propagate_kv(self, state: DecoderOnlyState, index: int, hidden: torch.Tensor) -> None:
+        keys, values = self._kv_projections(index, hidden, *state.position_embeddings)
         state.cache.update(keys, values, index)
+
+    def overwrite_last_kv(self, state: DecoderOnlyState, index: int, rows: torch.Tensor, hidden: torch.Tensor) -> None:
+        # state.positions holds each row's position of the token fed in the step that just ended
+        cos, sin = self.base.rotary_emb(hidden, state.positions[rows][:, None])
+        keys, values = self._kv_projections(index, hidden, cos, sin)
+        layer = state.cache.layers[index]
+        layer.keys[rows, :, -1:] = keys.to(layer.keys.dtype)
+        layer.values[rows, :, -1:] = values.to(layer.values.dtype)
 
     def end_step(self, state: DecoderOnlyState) -> None:
         state.positions = state.positions + 1
@@ -144,6 +158,7 @@ class DecoderOnlyBackend(ExitBackend):
         return _lm_head(self.model.lm_head, self.base.norm(hidden), ids)
 
     def select_rows(self, state: DecoderOnlyState, keep: torch.Tensor) -> None:
+        # the per-step fields (masks, position ids and embeddings) are rebuilt from these by begin_step
         state.cache.batch_select_indices(keep)
         state.attention_mask = state.attention_mask[keep]
         state.positions = state.positions[keep]

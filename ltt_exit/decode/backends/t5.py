@@ -132,14 +132,25 @@ class T5Backend(ExitBackend):
             state.self_bias, state.cross_bias = self_bias, cross_bias
         return output
 
-    def propagate_kv(self, state: T5State, index: int, hidden: torch.Tensor) -> None:
+    def _self_attention_kv(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s self-attention K and V of hidden (B, 1, d): (B, heads, 1, d_kv) each."""
         self_attention_layer = self.decoder.block[index].layer[0]
         attention = self_attention_layer.SelfAttention
         normed = self_attention_layer.layer_norm(hidden)
         shape = (hidden.shape[0], hidden.shape[1], -1, self.key_value_dim)
         keys = attention.k(normed).view(shape).transpose(1, 2)
         values = attention.v(normed).view(shape).transpose(1, 2)
+        return keys, values
+
+    def propagate_kv(self, state: T5State, index: int, hidden: torch.Tensor) -> None:
+        keys, values = self._self_attention_kv(index, hidden)
         state.cache.self_attention_cache.update(keys, values, index)
+
+    def overwrite_last_kv(self, state: T5State, index: int, rows: torch.Tensor, hidden: torch.Tensor) -> None:
+        keys, values = self._self_attention_kv(index, hidden)
+        layer = state.cache.self_attention_cache.layers[index]
+        layer.keys[rows, :, -1:] = keys.to(layer.keys.dtype)
+        layer.values[rows, :, -1:] = values.to(layer.values.dtype)
 
     def head(self, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         normed = self.decoder.dropout(self.decoder.final_layer_norm(hidden))
@@ -148,6 +159,7 @@ class T5Backend(ExitBackend):
         return _lm_head(self.model.lm_head, normed, ids)
 
     def select_rows(self, state: T5State, keep: torch.Tensor) -> None:
+        # self- and cross-attention caches; the self-attention mask and position biases are rebuilt every step
         state.cache.batch_select_indices(keep)
         state.encoder_hidden = state.encoder_hidden[keep]
         if isinstance(state.encoder_mask, torch.Tensor):
