@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from ltt_exit.certificate import Certificate
 
-__all__ = ["CertificateMismatch", "CertifiedDecoder", "decoder_settings", "config_differences"]
+__all__ = ["CertificateMismatch", "CertifiedDecoder", "certified_exit_adapters", "decoder_settings", "config_differences"]
 
 
 class CertificateMismatch(ValueError):
@@ -55,6 +55,57 @@ def config_differences(certified: Any, current: Any, path: str = "") -> list[str
     return []
 
 
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The decoder configuration without the exit-adapter file's path: the file is identified by its
+    fingerprint, so a moved file is still the certified one."""
+    record = config.get("exit_adapters")
+    if isinstance(record, dict) and "path" in record:
+        config = dict(config) | {"exit_adapters": {k: v for k, v in record.items() if k != "path"}}
+    return config
+
+
+def certified_exit_adapters(config: dict[str, Any], given: Any, model_fingerprint: str):
+    """The exit adapters a certified decoder configuration needs (None when it has none).
+
+    ``given``: a path or an ExitAdapters object to use instead of the path recorded in the certificate.
+    Refuses (CertificateMismatch) a missing file, a file whose fingerprint is not the certified one, and
+    adapters fitted for another model.
+    """
+    record = config.get("exit_adapters")
+    if record is None:
+        if given is not None:
+            raise CertificateMismatch(
+                "refusing to decode with exit adapters: the certificate was made without them"
+            )
+        return None
+    from ltt_exit.decode.adapters import AdapterMismatch, ExitAdapters
+
+    certified = record.get("fingerprint") if isinstance(record, dict) else None
+    if not certified:
+        raise CertificateMismatch("the certificate's exit-adapter record has no fingerprint")
+    source = given if given is not None else record.get("path")
+    if source is None:
+        raise CertificateMismatch(
+            f"the certificate was made with exit adapters {certified}; give their file (exit_adapters=PATH)"
+        )
+    try:
+        if isinstance(source, ExitAdapters):
+            adapters = source
+            if adapters.fingerprint != certified:
+                raise AdapterMismatch(f"the exit adapters given are {adapters.fingerprint}, not the certified {certified}")
+            adapters.check_model(model_fingerprint)
+        else:
+            adapters = ExitAdapters.load(source, model_fingerprint=model_fingerprint, expected_fingerprint=certified)
+    except FileNotFoundError:
+        raise CertificateMismatch(
+            f"the certificate needs the exit-adapter file {source} (fingerprint {certified}), which is not "
+            "there; pass where it is now (exit_adapters=PATH, ltt-generate --exit-adapters PATH)"
+        ) from None
+    except AdapterMismatch as err:
+        raise CertificateMismatch(f"refusing to decode: {err}") from None
+    return adapters
+
+
 class CertifiedDecoder:
     """An EarlyExitDecoder bound to a certificate.
 
@@ -62,9 +113,13 @@ class CertifiedDecoder:
     model:       a LoadedModel (from :func:`ltt_exit.models.load_model`), a model name/path to load,
                  or None to load the model the certificate names.
     device:      where to run ("cpu", "cuda", …; default: CUDA when present).
+    exit_adapters: where the certified exit-adapter file is now (a path or a loaded ExitAdapters), when it
+                 moved since certification; default: the path recorded in the certificate. Its fingerprint
+                 must equal the certified one.
     """
 
-    def __init__(self, certificate: Certificate | str | Path, model: Any = None, *, device=None):
+    def __init__(self, certificate: Certificate | str | Path, model: Any = None, *, device=None,
+                 exit_adapters: Any = None):
         self.certificate = certificate if isinstance(certificate, Certificate) else Certificate.load(certificate)
         meta = self.certificate.metadata
         for key in ("model_fingerprint", "decoder", "max_new_tokens"):
@@ -100,8 +155,10 @@ class CertifiedDecoder:
         from ltt_exit.decode import EarlyExitDecoder
 
         self.loaded = loaded
-        self.decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, **decoder_settings(meta["decoder"]))
-        differences = config_differences(meta["decoder"], self.decoder.config_dict())
+        adapters = certified_exit_adapters(meta["decoder"], exit_adapters, loaded.fingerprint)
+        self.decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, **decoder_settings(meta["decoder"]),
+                                        exit_adapters=adapters)
+        differences = config_differences(_comparable(meta["decoder"]), _comparable(self.decoder.config_dict()))
         if differences:
             raise CertificateMismatch(
                 "refusing to decode: the decoder configuration differs from the certified one: "

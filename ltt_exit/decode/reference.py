@@ -7,7 +7,8 @@ not exited below i, and otherwise the copied hidden state of its exit layer; the
 therefore compute this position's K/V (inside their full-sequence attention) from the copied state.
 The exit decision glue (pruning -> scorer -> ``confidence >= λ_t``) is written out again here rather
 than shared with the fast path; only the backend's exit head, the scorer and the pruning objects
-(tested on their own) and the threshold schedule are shared.
+(tested on their own), the threshold schedule and the decoder's exit adapters (``apply(layer, h)``
+before the head below the last layer) are shared.
 """
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ def _decide(decoder, layer: int, states: list[torch.Tensor], threshold: torch.Te
     backend = decoder.backend
 
     def head_at(a, ids):
-        return backend.head(states[a], ids)
+        hidden = states[a]
+        adapters = getattr(decoder, "exit_adapters", None)
+        if adapters is not None and a < decoder.num_layers:  # exit adapters map h_a before the exit head
+            hidden = adapters.apply(a, hidden)
+        return backend.head(hidden, ids)
 
     pruned = decoder.pruning.select(
         layer,

@@ -1,0 +1,226 @@
+"""ltt-fit-exits: fit exit adapters (per-layer maps before the exit head) for one model."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DESCRIPTION = """\
+Fit exit adapters for a model that was not trained for early exit.
+
+An early-exit decoder predicts from an intermediate layer l with the model's own final norm and LM
+head. A model not trained for that predicts poorly there, so a certified threshold ends up late and
+the speed-up small. An exit adapter maps the hidden state h_l towards the final hidden state before
+the head; the backbone, the last layer and the head stay frozen, so the full model's output (what
+the certificate compares against) does not change.
+
+Two kinds:
+  affine    W h + b per layer, closed form: ridge regression of the final state on h_l, shrunk
+            towards the identity, from statistics accumulated prompt by prompt (memory O(L d^2))
+  low-rank  h + U D h + c per layer (rank r), trained for a few hundred steps to match the final
+            layer's next-token distribution (KL distillation; a GPU when the model is on one)
+
+The fitting prompts are greedy-decoded by the full model and the states at every generated position
+are the training data. They must NOT be calibration prompts: a certificate needs calibration examples
+the decoder never saw. Therefore:
+  * fit on another split than the recipe calibrates on (--split with --data-files of that split), or
+  * name the calibration sample (--calibration-size/--calibration-seed, and --calibration-data-files
+    for a hub recipe) and it is left out of the fitting pool -- the way for recipes with one split
+    (aclsum-summary, gensim-*), which then fit on a seeded sample of the remaining rows.
+Fitting on the recipe's calibration split without naming the calibration sample is refused. The file
+keeps hashes of the fitting examples; check_disjoint() refuses a calibration set that shares any.
+
+The output is a safetensors file holding the maps, the fingerprint of the model they were fitted for
+and the fitting provenance. Use it with
+  EarlyExitDecoder(model, tokenizer, exit_adapters=ExitAdapters.load(PATH, model_fingerprint=...))
+The sweep and the certificate record its fingerprint with the decoder configuration; ltt-generate
+refuses a different file.
+"""
+
+EPILOG = """\
+examples:
+  # SAMSum: fit on the test split, calibrate on validation (the recipe's split)
+  ltt-fit-exits --recipe samsum --data-files ../shared/data/samsum_test.jsonl --split test \\
+      --size 200 --max-new-tokens 32 --layers 10-29 --kind affine --out smollm2-samsum.affine.safetensors
+
+  # trained low-rank adapters from the same prompts
+  ltt-fit-exits --recipe samsum --data-files ../shared/data/samsum_test.jsonl --split test \\
+      --size 200 --max-new-tokens 32 --layers 10-29 --kind low-rank --rank 32 --steps 300 \\
+      --out smollm2-samsum.lowrank.safetensors
+
+  # one-split recipe: leave out the calibration sample (the first 100 of seed 0)
+  ltt-fit-exits --recipe gensim-lee-continue --calibration-size 100 --size 150 \\
+      --kind affine --out smollm2-lee.affine.safetensors
+"""
+
+
+def _layers(text: str) -> str:
+    return text.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltt-fit-exits", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path, help="where to write the adapter file (.safetensors)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="model alias, local folder, .gguf file or hub id (default smollm2-135m)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, … (default: CUDA when present)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, … (default: the model's)")
+
+    data = parser.add_argument_group("fitting prompts")
+    data.add_argument("--recipe", default="samsum", help="calibration-set recipe name or YAML path (default samsum)")
+    data.add_argument("--data-files", nargs="+", default=None, metavar="PATH",
+                      help="local files of the fitting split (e.g. ../shared/data/samsum_test.jsonl)")
+    data.add_argument("--split", default=None,
+                      help="the fitting split (default: the recipe's own split, which is its calibration split "
+                           "and is refused unless the calibration sample is named below)")
+    data.add_argument("--size", type=int, default=200, help="number of fitting prompts (default 200)")
+    data.add_argument("--sample-seed", type=int, default=1, help="seed of the fitting sample (default 1)")
+    data.add_argument("--max-new-tokens", type=int, default=None,
+                      help="greedy tokens decoded per prompt; their positions are the training data "
+                           "(default: the recipe's budget)")
+
+    calibration = parser.add_argument_group(
+        "the calibration sample to keep out of fitting",
+        "Naming the sample you will calibrate on makes the tool leave it out of the fitting pool (and shows "
+        "that nothing overlaps when the splits differ).")
+    calibration.add_argument("--calibration-size", type=int, default=None,
+                             help="size n of the calibration sample (ltt-calibrate --size)")
+    calibration.add_argument("--calibration-seed", type=int, default=0,
+                             help="its sample seed (ltt-calibrate --sample-seed; default 0)")
+    calibration.add_argument("--calibration-data-files", nargs="+", default=None, metavar="PATH",
+                             help="its local files (hub recipes offline), e.g. ../shared/data/samsum_validation.jsonl")
+    calibration.add_argument("--calibration-split", default=None, help="its split (default: the recipe's)")
+
+    fit = parser.add_argument_group("the fit")
+    fit.add_argument("--kind", choices=["affine", "low-rank"], default="affine",
+                     help="affine: closed-form ridge fit (default); low-rank: trained with distillation")
+    fit.add_argument("--layers", type=_layers, default="all",
+                     help="layers to adapt: 'all' (1..L-1, default), 'A-B' or a comma list. Only layers at or "
+                          "above the decoder's --min-exit-layer are ever used")
+    fit.add_argument("--ridge", type=float, default=1e-2,
+                     help="affine: ridge strength relative to the mean input variance (default 0.01; large = "
+                          "closer to the raw head)")
+    fit.add_argument("--target", choices=["final-normalized", "final"], default="final-normalized",
+                     help="affine: regress the final state divided by its RMS (default; every token weighs the "
+                          "same) or the raw pre-norm final state")
+    fit.add_argument("--rank", type=int, default=32, help="low-rank: rank r (default 32)")
+    fit.add_argument("--steps", type=int, default=300, help="low-rank: training steps (default 300)")
+    fit.add_argument("--batch-size", type=int, default=64, help="low-rank: tokens per step (default 64)")
+    fit.add_argument("--learning-rate", type=float, default=3e-3, help="low-rank: Adam learning rate (default 3e-3)")
+    fit.add_argument("--vocabulary", choices=["sampled", "full"], default=None,
+                     help="low-rank: KL over the full vocabulary, or over the teacher's top ids plus random "
+                          "ids (default: full on a GPU, sampled on the CPU)")
+    fit.add_argument("--max-train-tokens", type=int, default=8192,
+                     help="low-rank: tokens kept for training (uniform reservoir sample; default 8192)")
+    fit.add_argument("--seed", type=int, default=0, help="low-rank: training seed (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="print only the final summary")
+    return parser
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """'all' | 'A-B' | 'a,b,c' -> sorted layer numbers in [1, L-1]; ValueError naming the problem."""
+    text = text.strip().lower()
+    if text == "all":
+        return list(range(1, num_layers))
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                first, last = (int(x) for x in part.split("-", 1))
+                layers.update(range(first, last + 1))
+            else:
+                layers.add(int(part))
+    except ValueError:
+        raise ValueError(f"--layers takes 'all', a range like 10-29 or a list like 10,12,14; got {text!r}") from None
+    bad = sorted(x for x in layers if not 1 <= x < num_layers)
+    if bad or not layers:
+        raise ValueError(f"--layers must name layers in [1, {num_layers - 1}] (the last layer has no adapter); got {text!r}")
+    return sorted(layers)
+
+
+def _log(args, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def run(args) -> dict:
+    import torch
+
+    from ltt_exit.decode.adapters import ExitFitData, fitting_set
+    from ltt_exit.models import load_model
+    from ltt_exit.recipes import load_recipe
+
+    if args.size < 1:
+        raise ValueError(f"--size must be at least 1, got {args.size}")
+    recipe = load_recipe(args.recipe)
+    started = time.perf_counter()
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    _log(args, f"model {args.model!r}: {loaded.num_layers} layers, fingerprint {loaded.fingerprint[:19]}…")
+    layers = parse_layers(args.layers, loaded.num_layers)
+    exclude = None
+    named = (args.calibration_size is not None or args.calibration_data_files is not None
+             or args.calibration_split is not None)
+    if named:
+        exclude = recipe.load(size=args.calibration_size, seed=args.calibration_seed,
+                              data_files=args.calibration_data_files, split=args.calibration_split,
+                              family=loaded.family, tokenizer=loaded.tokenizer)
+        _log(args, f"calibration sample kept out of fitting: {len(exclude)} examples of split {exclude.split!r}")
+    examples, info = fitting_set(recipe, size=args.size, seed=args.sample_seed, split=args.split,
+                                 data_files=args.data_files, family=loaded.family, tokenizer=loaded.tokenizer,
+                                 exclude=exclude)
+    max_new_tokens = args.max_new_tokens or recipe.max_new_tokens
+    _log(args, f"fitting prompts: {len(examples)} of split {info['split']!r} ({info['source']}); "
+               f"{max_new_tokens} greedy tokens each; layers {layers[0]}..{layers[-1]}")
+    keep_tokens = args.max_train_tokens if args.kind == "low-rank" else 0
+    data = ExitFitData.collect(loaded, examples, info, max_new_tokens=max_new_tokens, layers=layers,
+                               max_train_tokens=keep_tokens, target=args.target, seed=args.seed,
+                               progress=not args.quiet)
+    _log(args, f"collected {data.info['n_tokens']} token positions in {data.collect_seconds:.1f}s")
+    if args.kind == "affine":
+        adapters = data.affine(ridge=args.ridge)
+    else:
+        vocabulary = args.vocabulary or ("full" if loaded.device.type == "cuda" else "sampled")
+        adapters = data.low_rank(rank=args.rank, steps=args.steps, batch_size=args.batch_size,
+                                 learning_rate=args.learning_rate, vocabulary=vocabulary, seed=args.seed,
+                                 log_every=0 if args.quiet else max(1, args.steps // 10))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    adapters.save(args.out)
+    summary = {
+        "out": str(args.out),
+        "kind": adapters.kind,
+        "fingerprint": adapters.fingerprint,
+        "model_fingerprint": adapters.model_fingerprint,
+        "layers": [layers[0], layers[-1]] if layers == list(range(layers[0], layers[-1] + 1)) else layers,
+        "n_prompts": data.info["n_prompts"],
+        "n_tokens": data.info["n_tokens"],
+        "parameters": adapters.num_parameters(),
+        "file_bytes": args.out.stat().st_size,
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": str(loaded.device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return summary
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from ltt_exit.decode.adapters import AdapterMismatch, CalibrationOverlap
+
+    try:
+        summary = run(args)
+    except (AdapterMismatch, CalibrationOverlap) as err:
+        print(f"ltt-fit-exits: refused: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, TypeError, OSError) as err:
+        print(f"ltt-fit-exits: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
