@@ -649,7 +649,10 @@ def bench_smollm2(args, res: Results):
     sweep_script = ROOT / "benchmarks" / "bench_sweep.py"
     if sweep_script.exists() and "--device" in sweep_script.read_text() and not quick:
         def other_sweep():
-            out = subprocess.run([sys.executable, str(sweep_script), "--device", device, "--gguf", str(args.gguf)],
+            command = [sys.executable, str(sweep_script), "--device", device]
+            if "--gguf" in sweep_script.read_text():
+                command += ["--gguf", str(args.gguf)]
+            out = subprocess.run(command,
                                  capture_output=True, text=True, timeout=70)
             return {"returncode": out.returncode, "stdout_tail": out.stdout[-4000:], "stderr_tail": out.stderr[-2000:]}
         res.section("sweep.bench_sweep_py", other_sweep, limit_s=75)
