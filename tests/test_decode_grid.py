@@ -248,3 +248,52 @@ def test_select_rows_duplicates_and_overwrite_equals_propagation(name):
     assert torch.allclose(h_shared[0], h_propagated[1], atol=1e-10)
     assert torch.allclose(h_shared[1], h_propagated[0], atol=1e-10)
     assert not torch.allclose(h_shared[2], h_propagated[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["t5-untied-gated-4L", "llama-gqa-4L", "qwen2-tied-4L", "mistral-sliding-4L"])
+def test_run_layer_for_some_rows_matches_the_library_layer(name):
+    from ltt_exit.decode.backends import PromptBatch
+
+    backend = EarlyExitDecoder(model(name)).backend
+    ids, mask = make_prompts(name, batch=4, seed=9)
+    whole, part = backend.start(PromptBatch(ids, mask)), backend.start(PromptBatch(ids, mask))
+    tokens = torch.tensor([5, 6, 7, 8])
+    h_whole, h_part = backend.begin_step(whole, tokens), backend.begin_step(part, tokens)
+    rows = torch.tensor([0, 2, 3])
+    for index in range(backend.num_layers):
+        out_whole = backend.run_layer(whole, index, h_whole)
+        out_part = backend.run_layer(part, index, h_part, rows if index > 0 else None)
+        assert torch.allclose(out_part[rows], out_whole[rows], atol=1e-12)
+        h_whole = h_part = out_whole  # both go on from the same states
+    self_whole = whole.cache.self_attention_cache if backend.family == "t5" else whole.cache
+    self_part = part.cache.self_attention_cache if backend.family == "t5" else part.cache
+    for a, b in zip(self_whole.layers, self_part.layers):  # every row's K/V appended, skipped rows included
+        assert a.keys.shape == b.keys.shape
+        assert torch.allclose(a.keys, b.keys, atol=1e-12) and torch.allclose(a.values, b.values, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["t5-untied-gated-4L", "llama-gqa-4L"])
+def test_skipping_feed_forward_of_exited_rows_changes_nothing(name):
+    decoder = EarlyExitDecoder(model(name), scorer="softmax-max", pruning=PRUNING_SPECS["decaying"], tau=1.0)
+    ids, mask = make_prompts(name, batch=4, seed=12)
+    thresholds = [0.2, 0.5, 0.8, 1.0]
+    fast = decoder.generate(input_ids=ids, attention_mask=mask, threshold=thresholds, max_new_tokens=8)
+    decoder.frozen_rows_skip_feed_forward = False
+    slow = decoder.generate(input_ids=ids, attention_mask=mask, threshold=thresholds, max_new_tokens=8)
+    for a, b in zip(fast, slow):
+        assert (a.token_ids, a.exit_layers, a.cost) == (b.token_ids, b.exit_layers, b.cost)
+        assert a.confidences == pytest.approx(b.confidences, abs=1e-12, nan_ok=True)
+    assert len({layer for s in fast for layer in s.exit_layers}) > 2  # rows of the batch exited apart
+
+
+def test_a_fixed_vocabulary_set_is_gathered_once_per_step(monkeypatch):
+    decoder = EarlyExitDecoder(model("llama-gqa-4L"), scorer="weighted-contrastive", pruning=("fixed", {"k": 9}),
+                               min_exit_layer=2)
+    gathered = []
+    original = decoder.backend.head_weights
+    monkeypatch.setattr(decoder.backend, "head_weights", lambda ids: gathered.append(ids) or original(ids))
+    sequence = decoder.generate(input_ids=[[5, 6, 7]], threshold=1.0 - 1e-9, max_new_tokens=6, eos_token_id=[])[0]
+    # token 0 comes from the prefill; each later token consults layers 2 (full head) and 3 (the set, with
+    # the expert and the amateur heads computed from one gather)
+    assert sequence.exit_layers[1:] == [4] * 5
+    assert len(gathered) == 5

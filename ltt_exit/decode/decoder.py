@@ -56,6 +56,10 @@ class _StepHeads:
         self.head_rows = head_rows
         self.exit_adapters = exit_adapters
         self._memo: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
+        # LM-head rows of the last vocabulary set asked for: a fixed set (and the amateurs' heads) is
+        # evaluated at many layers of a step, gathered once
+        self._weights_ids: torch.Tensor | None = None
+        self._weights = None
 
     def __call__(self, layer: int, ids: torch.Tensor | None, count_for: torch.Tensor | None) -> torch.Tensor:
         full = None
@@ -73,7 +77,9 @@ class _StepHeads:
             # exit adapters map h_ℓ towards the final hidden state before the model's own head; the
             # last layer never goes through one, so the full model's predictions are unchanged
             hidden = self.exit_adapters.apply(layer, hidden)
-        logits = self.backend.head(hidden, ids)
+        if ids is not None and ids is not self._weights_ids:
+            self._weights_ids, self._weights = ids, self.backend.head_weights(ids)
+        logits = self.backend.head(hidden, ids, self._weights if ids is not None else None)
         if count_for is not None:
             self.count(count_for, logits.shape[-1])
         self._memo.append((layer, ids, logits))
@@ -161,6 +167,10 @@ class EarlyExitDecoder:
         #: once every row of a batch has exited, compute only the K/V projections of the remaining layers
         #: (False: run the full layers and discard their outputs; same results, used by the tests)
         self.kv_only_when_all_exited = True
+        #: while some rows of a batch have exited and others not, layers still run attention on every row
+        #: (its K/V land in the cache) but the feed-forward block only on the undecided rows
+        #: (False: full layers for every row; same results up to float rounding, used by the tests)
+        self.frozen_rows_skip_feed_forward = True
         #: what the last ``generate_grid`` call shared (``ltt_exit.decode.grid.GridStats``); None before one
         self.last_grid_stats = None
 
@@ -439,6 +449,7 @@ class EarlyExitDecoder:
         consulting = torch.isfinite(consult_thresholds)
         consult = bool(consulting.any())
         all_undecided = True
+        running_rows = None  # rows whose layer outputs are needed (None: all)
         set_ids = None
         everyone_exited = False
         for index in range(num_layers):
@@ -449,7 +460,7 @@ class EarlyExitDecoder:
                 else:
                     backend.run_layer(state, index, hidden)  # same K/V; output discarded
                 continue
-            output = backend.run_layer(state, index, hidden)
+            output = backend.run_layer(state, index, hidden, running_rows)
             hidden = torch.where(undecided[:, None, None], output, hidden)  # exited rows keep their copied h_ℓ
             hiddens.append(hidden[:, 0])
             if consult and min_exit <= layer < num_layers:
@@ -470,6 +481,8 @@ class EarlyExitDecoder:
                 # one host read per consulted layer
                 flags = torch.stack((undecided.any(), undecided.all(), consulting.any())).tolist()
                 everyone_exited, all_undecided, consult = not flags[0], flags[1], flags[2]
+                if not all_undecided and self.frozen_rows_skip_feed_forward:
+                    running_rows = undecided.nonzero()[:, 0]
         if not everyone_exited:
             # the last layer always uses the full vocabulary; computed only for the rows that reached it
             if all_undecided:

@@ -21,11 +21,27 @@ discarded; ``propagate_kv`` is the cheaper equivalent when no row of the batch n
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-__all__ = ["ExitBackend", "PromptBatch"]
+__all__ = ["ExitBackend", "PromptBatch", "HeadWeights", "pruned_logits"]
+
+
+class HeadWeights(NamedTuple):
+    """Rows of the LM head for a pruned vocabulary set: weight (B, k, d), bias (B, k) or None."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def pruned_logits(normed: torch.Tensor, weights: HeadWeights) -> torch.Tensor:
+    """normed (B, d) head input -> (B, k) logits of the gathered vocabulary rows (d·k multiply-adds per row)."""
+    # a row-wise dot product: batched bmm with one column is several times slower on CPU at B > 1
+    logits = torch.linalg.vecdot(weights.weight, normed.to(weights.weight.dtype).unsqueeze(-2))
+    if weights.bias is not None:
+        logits = logits + weights.bias
+    return logits
 
 
 class PromptBatch:
@@ -100,8 +116,13 @@ class ExitBackend(ABC):
         """Embed tokens (B,) for the next position and prepare masks / positions; returns h_0 (B, 1, d)."""
 
     @abstractmethod
-    def run_layer(self, state: Any, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Layer ``index`` (0-based) on hidden (B, 1, d) through the library module, cache updated."""
+    def run_layer(self, state: Any, index: int, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer ``index`` (0-based) on hidden (B, 1, d) through the library module, cache updated.
+
+        rows: (b,) batch rows whose output is needed (None: all). The other rows hold frozen copies: the
+        layer must still append their K/V (so its attention runs on every row), but a backend may skip
+        the rest of their work (the feed-forward block); their output is then unspecified.
+        """
 
     @abstractmethod
     def propagate_kv(self, state: Any, index: int, hidden: torch.Tensor) -> None:
@@ -118,8 +139,25 @@ class ExitBackend(ABC):
         """Advance per-step bookkeeping after all layers ran."""
 
     @abstractmethod
-    def head(self, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Exit head (final norm + LM head). hidden (B, d); ids None -> (B, V); ids (B, k) -> (B, k)."""
+    def head(
+        self, hidden: torch.Tensor, ids: torch.Tensor | None = None, weights: HeadWeights | None = None
+    ) -> torch.Tensor:
+        """Exit head (final norm + LM head). hidden (B, d); ids None -> (B, V); ids (B, k) -> (B, k).
+
+        weights: ``head_weights(ids)`` computed earlier for the same ids (saves gathering them again).
+        """
+
+    def head_logits(self, normed: torch.Tensor, ids: torch.Tensor | None, weights: HeadWeights | None = None
+                    ) -> torch.Tensor:
+        """The LM head on its input normed (B, d): (B, V) logits, or (B, k) for vocabulary ids (B, k)."""
+        if ids is None:
+            return self.model.lm_head(normed)
+        return pruned_logits(normed, weights if weights is not None else self.head_weights(ids))
+
+    def head_weights(self, ids: torch.Tensor) -> HeadWeights:
+        """The LM head's weight rows (B, k, d) and bias (B, k) (None without one) of vocabulary ids (B, k)."""
+        lm_head = self.model.lm_head
+        return HeadWeights(lm_head.weight[ids], None if lm_head.bias is None else lm_head.bias[ids])
 
     @abstractmethod
     def select_rows(self, state: Any, keep: torch.Tensor) -> None:

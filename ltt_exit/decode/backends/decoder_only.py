@@ -15,12 +15,13 @@ from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from .base import ExitBackend, PromptBatch
-from .t5 import _lm_head
+from .base import ExitBackend, HeadWeights, PromptBatch
 
 __all__ = ["DecoderOnlyBackend", "SUPPORTED_CAUSAL_LMS"]
 
 SUPPORTED_CAUSAL_LMS = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
+# layer classes whose forward is h + attn(norm1(h)), then h + mlp(norm2(h))
+_PRE_NORM_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
 
 
 @dataclass
@@ -62,6 +63,9 @@ class DecoderOnlyBackend(ExitBackend):
             or ["sliding_attention" if getattr(self.config, "sliding_window", None) is not None else "full_attention"]
             * self.num_layers
         )
+        # run_layer(rows=...) composes these classes' forward from their sub-modules (tests check it against
+        # the library's forward); a subclass with another forward always runs whole layers
+        self._split_layers = all(type(layer).__name__ in _PRE_NORM_LAYERS for layer in self.layers)
         # the family's own rotary helper, from the module that defines its attention class
         self._apply_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
 
@@ -116,15 +120,25 @@ class DecoderOnlyBackend(ExitBackend):
             state.masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_arguments)
         return hidden
 
-    def run_layer(self, state: DecoderOnlyState, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self.layers[index](
-            hidden,
+    def run_layer(
+        self, state: DecoderOnlyState, index: int, hidden: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        layer = self.layers[index]
+        arguments = dict(
             attention_mask=state.masks[self.layer_types[index]],
             position_embeddings=state.position_embeddings,
             position_ids=state.position_ids,
             cache=state.cache,
             use_cache=True,
         )
+        if rows is None or not self._split_layers:
+            return layer(hidden, **arguments)
+        # the layer's own sub-modules in its order (pre-norm attention, then pre-norm MLP, each with its
+        # residual); the MLP only for the rows that need the output
+        attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **arguments)
+        output = hidden + attended
+        running = output[rows]
+        return output.index_copy(0, rows, running + layer.mlp(layer.post_attention_layernorm(running)))
 
     def _kv_projections(
         self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -154,8 +168,10 @@ class DecoderOnlyBackend(ExitBackend):
     def end_step(self, state: DecoderOnlyState) -> None:
         state.positions = state.positions + 1
 
-    def head(self, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        return _lm_head(self.model.lm_head, self.base.norm(hidden), ids)
+    def head(
+        self, hidden: torch.Tensor, ids: torch.Tensor | None = None, weights: HeadWeights | None = None
+    ) -> torch.Tensor:
+        return self.head_logits(self.base.norm(hidden), ids, weights)
 
     def select_rows(self, state: DecoderOnlyState, keep: torch.Tensor) -> None:
         # the per-step fields (masks, position ids and embeddings) are rebuilt from these by begin_step

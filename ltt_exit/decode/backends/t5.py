@@ -14,7 +14,7 @@ from transformers import T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
-from .base import ExitBackend, PromptBatch
+from .base import ExitBackend, HeadWeights, PromptBatch
 
 __all__ = ["T5Backend"]
 
@@ -116,18 +116,36 @@ class T5Backend(ExitBackend):
         state.cross_bias = None
         return hidden
 
-    def run_layer(self, state: T5State, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def run_layer(
+        self, state: T5State, index: int, hidden: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if index > 0 and state.self_bias is None:
             raise RuntimeError("T5 layer 0 must run before the others in every step (it owns the position bias)")
-        output, self_bias, cross_bias = self.decoder.block[index](
-            hidden,
-            state.self_mask,
-            state.self_bias,
-            state.encoder_hidden,
-            state.encoder_mask,
-            state.cross_bias,
-            cache=state.cache,
-        )
+        block = self.decoder.block[index]
+        if rows is None or hidden.dtype == torch.float16:
+            # (float16: T5Block clamps by a batch-wide inf check, so frozen rows must stay in its batch)
+            output, self_bias, cross_bias = block(
+                hidden,
+                state.self_mask,
+                state.self_bias,
+                state.encoder_hidden,
+                state.encoder_mask,
+                state.cross_bias,
+                cache=state.cache,
+            )
+        else:
+            # T5Block's own sub-layers in its order; the feed-forward block only for the rows that need it
+            output, self_bias, _ = block.layer[0](
+                hidden, attention_mask=state.self_mask, position_bias=state.self_bias, cache=state.cache
+            )
+            output, cross_bias, _ = block.layer[1](
+                output,
+                key_value_states=state.encoder_hidden,
+                attention_mask=state.encoder_mask,
+                position_bias=state.cross_bias,
+                cache=state.cache,
+            )
+            output = output.index_copy(0, rows, block.layer[-1](output[rows]))
         if index == 0:  # the stack shares layer 0's relative position biases with every later layer
             state.self_bias, state.cross_bias = self_bias, cross_bias
         return output
@@ -152,11 +170,13 @@ class T5Backend(ExitBackend):
         layer.keys[rows, :, -1:] = keys.to(layer.keys.dtype)
         layer.values[rows, :, -1:] = values.to(layer.values.dtype)
 
-    def head(self, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    def head(
+        self, hidden: torch.Tensor, ids: torch.Tensor | None = None, weights: HeadWeights | None = None
+    ) -> torch.Tensor:
         normed = self.decoder.dropout(self.decoder.final_layer_norm(hidden))
         if self.rescale_head_input:
             normed = normed * (self.hidden_size**-0.5)
-        return _lm_head(self.model.lm_head, normed, ids)
+        return self.head_logits(normed, ids, weights)
 
     def select_rows(self, state: T5State, keep: torch.Tensor) -> None:
         # self- and cross-attention caches; the self-attention mask and position biases are rebuilt every step
@@ -193,13 +213,3 @@ class T5Backend(ExitBackend):
         facts["decoder_start_token_id"] = self.decoder_start_token_id()
         return facts
 
-
-def _lm_head(lm_head: torch.nn.Linear, normed: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-    """normed (B, d) -> (B, V) logits, or (B, k) logits of the vocabulary rows ids (B, k)."""
-    if ids is None:
-        return lm_head(normed)
-    rows = lm_head.weight[ids]  # (B, k, d)
-    logits = torch.bmm(rows, normed.to(rows.dtype).unsqueeze(-1)).squeeze(-1)
-    if lm_head.bias is not None:
-        logits = logits + lm_head.bias[ids]
-    return logits
