@@ -142,12 +142,10 @@ def bucket_of(item, bucket=64):
 
 def per_token(run_prompts, prompts, count_tokens, warm=True):
     """Run every prompt once (batch 1); ms per generated token over all of them, plus the outputs.
-    With ``warm``, one prompt of each length bucket runs first, untimed (graph capture, compilation)."""
+    With ``warm``, every prompt first runs once untimed, so no graph capture or compilation (one per
+    cache-length bucket of the fast path) lands in the timed pass."""
     if warm:
-        seen = {}
         for item in prompts:
-            seen.setdefault(bucket_of(item), item)
-        for item in seen.values():
             run_prompts(item)
     seconds, outputs = clock(lambda: [run_prompts(p) for p in prompts])
     tokens = sum(count_tokens(o) for o in outputs)
@@ -323,16 +321,16 @@ def bench_t5(args, res: Results):
     return model
 
 
-def t5_forced(args, res: Results, distributions: dict):
+def t5_forced(args, res: Results, distributions: dict, model=None, j=None, k=None):
     """T5-large shape with exit layers drawn from SmolLM2's recorded distributions (as depth fractions)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     quick = args.quick
     N = 8 if quick else 32
     n = 2 if quick else 8
-    model = t5_model(quick, device)
+    model = model if model is not None else t5_model(quick, device)
     L = model.config.num_decoder_layers
-    j = 2 if quick else 4
-    k = 64 if quick else 2048
+    j = j if j is not None else (2 if quick else 4)
+    k = k if k is not None else (64 if quick else 2048)
     prompts = t5_prompts(model, n, 16 if quick else 64)
     decoder, notes = make_fast(model, pruning=("fixed", {"k": k}), min_exit_layer=j)
     full_run = lambda ids: decoder.generate(input_ids=ids, threshold=1.0, max_new_tokens=N, eos_token_id=[])  # noqa
@@ -360,7 +358,81 @@ def t5_forced(args, res: Results, distributions: dict):
             "decisions_per_token": consults_per_token([o[0] for o in outs], L, j, decoder.lookahead, False),
             "stats": decoder.last_stats,
         }
+    if torch.cuda.is_available():
+        try:
+            result["pieces"] = piece_times(decoder, prompts[0], N)
+        except Exception as error:  # the runs above are kept either way
+            result["pieces_error"] = f"{type(error).__name__}: {error}"
     return result
+
+
+def piece_times(decoder, prompt, N, replays=200):
+    """Device time of single captured pieces of one step, replayed alone between CUDA events (µs):
+    the whole full-model step, a layer with its exit decision, the last layer (no decision), a layer
+    with its decision plus the host's flag copy and event, the K/V tail from the first consulted layer,
+    and the final head. Cache positions are reset every few replays so no write leaves the cache."""
+    decoder.generate(input_ids=prompt, threshold=0.5, max_new_tokens=N, eos_token_id=[])  # the session exists
+    session = next(reversed(decoder._sessions.values()))
+    L, j = decoder.num_layers, decoder.min_exit_layer
+
+    def reset():  # every counter a piece advances: cache lengths, the step index, the cache slot
+        session.lengths.zero_()
+        session.step.zero_()
+        session.slot.zero_()
+
+    def time_it(action):
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            reset()
+            start.record()
+            for index in range(replays):
+                if index % 16 == 15:
+                    reset()
+                action()
+            end.record()
+            end.synchronize()
+            times.append(1000.0 * start.elapsed_time(end) / replays)
+        return min(times)
+
+    graphs = session.graphs
+    out = {
+        "full_step": time_it(graphs["full"].replay),
+        "layer_with_decision": time_it(graphs[f"layer{j}"].replay),
+        "last_layer_no_decision": time_it(graphs[f"layer{L - 1}"].replay),
+        "layer_with_decision_and_flag_copy": time_it(lambda: (graphs[f"layer{j}"].replay(), decoder._post(session, j))),
+        "kv_tail_from_j": time_it(graphs[f"kv{j}"].replay),
+        "final_head_step_end": time_it(graphs["finish_head"].replay),
+        "step_end_no_head": time_it(graphs["finish_nohead"].replay),
+    }
+    out["full_step_per_layer"] = out["full_step"] / L
+    out["decision"] = out["layer_with_decision"] - out["last_layer_no_decision"]
+    out["graph_boundary"] = out["last_layer_no_decision"] - out["full_step_per_layer"]
+    out["flag_copy_and_event"] = out["layer_with_decision_and_flag_copy"] - out["layer_with_decision"]
+    return out
+
+
+def bench_t5_forced(args, res: Results):
+    """Only the forced-exit T5 runs, from the recorded distributions of an earlier SmolLM2 result file."""
+    recorded = json.loads(Path(args.distributions).read_text())["recorded_distributions"]
+    res.data["distributions_from"] = str(args.distributions)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = t5_model(args.quick, device)
+    L = model.config.num_decoder_layers
+
+    def expand(histogram):
+        return [layer for layer, count in enumerate(histogram) for _ in range(count)]
+
+    smollm2 = {name: (len(d["histogram"]) - 1, expand(d["histogram"]))
+               for name, d in recorded.items() if name != "uniform_depth"}
+    source_j = args.source_min_exit_layer
+    source_L = next(iter(smollm2.values()))[0]
+    j = max(1, round(source_j / source_L * L))  # the same depth fraction as the recorded runs' own j
+    res.data["setup"] = {"model": "T5-large shape, random weights", "L": L, "min_exit_layer": j, "fixed_k": args.k,
+                         "source_min_exit_layer": source_j, "source_L": source_L}
+    res.section("t5.forced_matched_j", t5_forced, args, res, smollm2, model=model, j=j, k=args.k)
+    res.section("t5.forced_uniform_j1", t5_forced, args, res, {"uniform_depth": (L, list(range(1, L + 1)))},
+                model=model, j=1, k=args.k)
 
 
 # ---- SmolLM2 --------------------------------------------------------------------------------------------
@@ -430,7 +502,7 @@ def bench_smollm2(args, res: Results):
                                   num_beams=1, max_new_tokens=N, eos_token_id=eos, pad_token_id=eos[0])
         run(test[0][:16])
         count = len(test) if quick else 8
-        with PeakMemory() as memory:
+        with PeakMemory() as memory:  # (library generate: one warm-up call above is enough)
             seconds, outs = clock(lambda: [run(ids) for ids in test[:count]])
         tokens = sum(gen_tokens(o, len(ids)) for o, ids in zip(outs, test))
         same = sum(o[0, len(ids):].tolist() == s.token_ids
@@ -446,8 +518,8 @@ def bench_smollm2(args, res: Results):
         run_rows = lambda ids: decoder.generate(input_ids=[ids] * (len(lambdas) + 1),  # noqa: E731
                                                 threshold=[math.inf] + lambdas, max_new_tokens=N)
         warmed = {}
-        for ids in calibration:
-            warmed.setdefault(bucket_of(ids), ids)
+        for ids in calibration:  # one prompt per cache-length bucket of the fast path (prompt + budget)
+            warmed.setdefault(-(-(len(ids) + N - 1) // decoder.length_bucket), ids)
         for ids in warmed.values():
             run_rows(ids)
         with PeakMemory() as memory:
@@ -462,7 +534,7 @@ def bench_smollm2(args, res: Results):
         # the sweep's cost against one full-model pass over the same prompts (batch 1)
         subset = calibration[: min(24, len(calibration))]
         full_once = lambda ids: decoder.generate(input_ids=[ids], threshold=1.0, max_new_tokens=N)  # noqa: E731
-        for ids in {bucket_of(ids): ids for ids in subset}.values():
+        for ids in subset:
             full_once(ids)
         full_seconds, _ = clock(lambda: [full_once(ids) for ids in subset])
         sweep_subset = sum(per_prompt[: len(subset)])  # the same prompts' sweep time
@@ -814,7 +886,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="measure (on the GPU machine)")
-    run.add_argument("--part", choices=["t5", "smollm2"], required=True)
+    run.add_argument("--part", choices=["t5", "smollm2", "t5-forced"], required=True)
+    run.add_argument("--distributions", type=Path, help="t5-forced: a SmolLM2 result file with recorded_distributions")
+    run.add_argument("--source-min-exit-layer", type=int, default=20, help="t5-forced: j of the recorded runs")
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--gguf", default="smollm2-135m", help="GGUF file (or the packaged model's alias)")
     run.add_argument("--min-exit-layer", type=int, default=20)
@@ -835,6 +909,8 @@ def main(argv=None) -> int:
     res.save()
     if args.part == "t5":
         bench_t5(args, res)
+    elif args.part == "t5-forced":
+        bench_t5_forced(args, res)
     else:
         bench_smollm2(args, res)
     res.data["total_seconds"] = time.perf_counter() - res.started
