@@ -366,6 +366,7 @@ def t5_forced(args, res: Results, distributions: dict, model=None, j=None, k=Non
     return result
 
 
+@torch.inference_mode()  # the session's buffers are inference tensors
 def piece_times(decoder, prompt, N, replays=200):
     """Device time of single captured pieces of one step, replayed alone between CUDA events (µs):
     the whole full-model step, a layer with its exit decision, the last layer (no decision), a layer
@@ -380,19 +381,25 @@ def piece_times(decoder, prompt, N, replays=200):
         session.step.zero_()
         session.slot.zero_()
 
-    def time_it(action):
+    host = {}
+
+    def time_it(action, name=None):
         times = []
         for _ in range(3):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             reset()
             start.record()
+            launch = time.perf_counter()
             for index in range(replays):
                 if index % 16 == 15:
                     reset()
                 action()
+            launched = time.perf_counter() - launch
             end.record()
             end.synchronize()
             times.append(1000.0 * start.elapsed_time(end) / replays)
+            if name:
+                host[name] = min(host.get(name, math.inf), 1e6 * launched / replays)
         return min(times)
 
     graphs = session.graphs
@@ -400,7 +407,8 @@ def piece_times(decoder, prompt, N, replays=200):
         "full_step": time_it(graphs["full"].replay),
         "layer_with_decision": time_it(graphs[f"layer{j}"].replay),
         "last_layer_no_decision": time_it(graphs[f"layer{L - 1}"].replay),
-        "layer_with_decision_and_flag_copy": time_it(lambda: (graphs[f"layer{j}"].replay(), decoder._post(session, j))),
+        "layer_with_decision_and_flag_copy": time_it(lambda: (graphs[f"layer{j}"].replay(), decoder._post(session, j)),
+                                                     "layer_with_decision_and_flag_copy"),
         "kv_tail_from_j": time_it(graphs[f"kv{j}"].replay),
         "final_head_step_end": time_it(graphs["finish_head"].replay),
         "step_end_no_head": time_it(graphs["finish_nohead"].replay),
@@ -409,7 +417,44 @@ def piece_times(decoder, prompt, N, replays=200):
     out["decision"] = out["layer_with_decision"] - out["last_layer_no_decision"]
     out["graph_boundary"] = out["last_layer_no_decision"] - out["full_step_per_layer"]
     out["flag_copy_and_event"] = out["layer_with_decision_and_flag_copy"] - out["layer_with_decision"]
+    # host side: what launching one decided layer costs the CPU (replay + flag copy + event record), which
+    # must stay below the device time of a layer for the lagged reads to keep the device busy
+    out["host_launch_us_per_decided_layer"] = host.get("layer_with_decision_and_flag_copy")
     return out
+
+
+def smollm2_shape(device):
+    """A random-weight Llama with SmolLM2-135M's exact shape (for device timings without the GGUF)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(torch.bfloat16).eval()
+
+
+def bench_pieces(args, res: Results):
+    """Per-piece device times of the fast path on the T5-large shape and on the SmolLM2 shape."""
+    device = "cuda"
+
+    def t5_pieces():
+        model = t5_model(False, device)
+        decoder, notes = make_fast(model, pruning=("fixed", {"k": args.k}), min_exit_layer=16)
+        prompt = t5_prompts(model, 1, 64)[0]
+        return {"j": 16, "k": args.k, "fallbacks": notes, **piece_times(decoder, prompt, 32)}
+
+    def smollm2_pieces():
+        model = smollm2_shape(device)
+        decoder, notes = make_fast(model, pruning=("fixed", {"k": args.k}), min_exit_layer=20)
+        prompt = torch.randint(3, 49152, (1, 100))
+        return {"j": 20, "k": args.k, "fallbacks": notes, **piece_times(decoder, prompt, 32)}
+
+    res.section("pieces.t5_large_shape", t5_pieces)
+    res.section("pieces.smollm2_shape", smollm2_pieces)
 
 
 def bench_t5_forced(args, res: Results):
@@ -886,7 +931,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="measure (on the GPU machine)")
-    run.add_argument("--part", choices=["t5", "smollm2", "t5-forced"], required=True)
+    run.add_argument("--part", choices=["t5", "smollm2", "t5-forced", "pieces"], required=True)
     run.add_argument("--distributions", type=Path, help="t5-forced: a SmolLM2 result file with recorded_distributions")
     run.add_argument("--source-min-exit-layer", type=int, default=20, help="t5-forced: j of the recorded runs")
     run.add_argument("--out", type=Path, required=True)
@@ -911,6 +956,8 @@ def main(argv=None) -> int:
         bench_t5(args, res)
     elif args.part == "t5-forced":
         bench_t5_forced(args, res)
+    elif args.part == "pieces":
+        bench_pieces(args, res)
     else:
         bench_smollm2(args, res)
     res.data["total_seconds"] = time.perf_counter() - res.started
