@@ -44,7 +44,7 @@ from typing import Any, Callable
 import torch
 from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
 
-from .backends import DecoderOnlyBackend, PromptBatch, T5Backend
+from .backends import PromptBatch, T5Backend
 from .backends.decoder_only import DecoderOnlyState
 from .backends.t5 import T5State
 from .decoder import EarlyExitDecoder, _RowRecord, _StepHeads
