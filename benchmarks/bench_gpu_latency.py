@@ -133,13 +133,6 @@ class PeakMemory:
         return False
 
 
-def bucket_of(item, bucket=64):
-    """The fast path's cache-length bucket of a prompt (graphs are captured once per bucket)."""
-    prompt = item[0] if isinstance(item, tuple) else item
-    length = prompt.shape[-1] if isinstance(prompt, torch.Tensor) else len(prompt)
-    return -(-length // bucket)
-
-
 def per_token(run_prompts, prompts, count_tokens, warm=True):
     """Run every prompt once (batch 1); ms per generated token over all of them, plus the outputs.
     With ``warm``, every prompt first runs once untimed, so no graph capture or compilation (one per
