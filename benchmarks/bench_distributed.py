@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def _calibrate(args, gpus: int, out_dir: Path) -> dict:
-    common = ["--delta", "0.1", "--epsilon", "0.05", "--model", args.gguf, "--recipe", "samsum",
+    common = ["--delta", "0.1", "--epsilon", "0.05", "--model", args.gguf, "--recipe", args.recipe,
               "--data-files", args.data, "--size", str(args.size), "--max-new-tokens", str(args.max_new_tokens),
               "--dtype", args.dtype, "--device", "cuda", "--batch-prompts", str(args.batch_prompts),
               "--no-table-cache", "--table-out", str(out_dir / f"table-{gpus}.parquet"),
@@ -48,6 +48,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", required=True)
     parser.add_argument("--data", required=True)
+    parser.add_argument("--recipe", default=str(Path(__file__).resolve().parent / "data" / "samsum_jsonl_recipe.yaml"))
     parser.add_argument("--size", type=int, default=320)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-prompts", type=int, default=16)
