@@ -100,12 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--layers", type=_layers, default="all",
                      help="layers to adapt: 'all' (1..L-1, default), 'A-B' or a comma list. Only layers at or "
                           "above the decoder's --min-exit-layer are ever used")
-    fit.add_argument("--ridge", type=float, default=1e-2,
-                     help="affine: ridge strength relative to the mean input variance (default 0.01; large = "
-                          "closer to the raw head)")
-    fit.add_argument("--target", choices=["final-normalized", "final"], default="final-normalized",
-                     help="affine: regress the final state divided by its RMS (default; every token weighs the "
-                          "same) or the raw pre-norm final state")
+    fit.add_argument("--ridge", type=float, default=0.1,
+                     help="affine: ridge strength relative to the mean input variance (default 0.1; large = "
+                          "closer to the raw head, 0 = plain least squares)")
+    fit.add_argument("--target", choices=["final", "final-normalized"], default="final",
+                     help="affine: regress the pre-norm final state (default) or the final state divided by its "
+                          "RMS (every token weighs the same)")
     fit.add_argument("--rank", type=int, default=32, help="low-rank: rank r (default 32)")
     fit.add_argument("--steps", type=int, default=300, help="low-rank: training steps (default 300)")
     fit.add_argument("--batch-size", type=int, default=64, help="low-rank: tokens per step (default 64)")

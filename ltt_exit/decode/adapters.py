@@ -56,6 +56,7 @@ __all__ = [
     "ExampleHashes",
     "StateBatch",
     "collect_states",
+    "head_logits",
     "RidgeStatistics",
     "TokenReservoir",
     "ExitFitData",
@@ -420,6 +421,12 @@ class ExitAdapters:
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self._tensors().values())
 
+    def _params_summary(self) -> dict[str, Any]:
+        """The maps' parameters (e.g. {"rank": 64}); per layer only when layers differ."""
+        params = {str(layer): m.params() for layer, m in self.maps.items()}
+        distinct = {json.dumps(p, sort_keys=True) for p in params.values()}
+        return json.loads(distinct.pop()) if len(distinct) == 1 else params
+
     def describe(self) -> dict[str, Any]:
         """JSON-able record for ``EarlyExitDecoder.config_dict()["exit_adapters"]``.
 
@@ -431,7 +438,7 @@ class ExitAdapters:
             "fingerprint": self.fingerprint,
             "model_fingerprint": self.model_fingerprint,
             "layers": self.layers,
-            "params": sorted({json.dumps(m.params(), sort_keys=True) for m in self.maps.values()}),
+            "params": self._params_summary(),
             "method": fit.get("method", {}).get("name"),
             "fitted_on": {key: fit.get(key) for key in ("recipe", "split", "fit_set_sha256", "n_prompts", "n_tokens")},
             "path": self.path,
@@ -447,15 +454,14 @@ class ExitAdapters:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write a safetensors file atomically; returns its path. The header and example hashes go in
         the file's metadata, with the fingerprint."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        from ltt_exit._atomic import atomic_path
+        from ltt_exit._atomic import atomic_write_bytes
 
         path = Path(path)
         header = self._header() | {"fingerprint": self.fingerprint}
         metadata = {_HEADER_KEY: json.dumps(header, sort_keys=True), _HASHES_KEY: json.dumps(self.example_hashes.to_json())}
-        with atomic_path(path) as temp:
-            save_file(self._tensors(), str(temp), metadata=metadata)
+        atomic_write_bytes(path, save(self._tensors(), metadata=metadata))
         self.path = str(path.resolve())
         return path
 
@@ -744,15 +750,16 @@ class RidgeStatistics:
     ``target``). Statistics are merged with Chan's pairwise update (means and centred sums), which keeps
     float64 accurate over many batches.
 
-    target: "final" regresses the pre-norm final state h_L itself; "final-normalized" (the default)
+    target: "final" (the default) regresses the pre-norm final state h_L itself; "final-normalized"
             regresses h_L / rms(h_L). The head's RMS/layer norm ignores the scale of its input, so both
-            targets describe the same exit prediction, but the normalised one weighs every token equally
-            instead of by the size of its final state.
+            targets describe the same exit prediction; the normalised one weighs every token equally
+            instead of by the size of its final state. On SmolLM2-135M / SAMSum the two gave held-out
+            top-1 agreements within 0.02 of each other, "final" slightly ahead.
     """
 
     TARGETS = ("final", "final-normalized")
 
-    def __init__(self, layers: Sequence[int], hidden_size: int, *, target: str = "final-normalized"):
+    def __init__(self, layers: Sequence[int], hidden_size: int, *, target: str = "final"):
         if target not in self.TARGETS:
             raise ValueError(f"unknown ridge target {target!r}; expected one of {list(self.TARGETS)}")
         self.layers = [int(x) for x in layers]
@@ -793,7 +800,7 @@ class RidgeStatistics:
         self.mean_y += delta_y * (m / total)
         self.count = total
 
-    def solve(self, ridge: float = 1e-2) -> dict[int, AffineMap]:
+    def solve(self, ridge: float = 0.1) -> dict[int, AffineMap]:
         """Per layer, W and b minimising Σ‖W x + b − y‖² + α‖W − s·I‖²_F, α = ridge · tr(Cxx)/d.
 
         Cxx, Cxy are the centred sums; s = tr(Cxy)/tr(Cxx) is the best multiple of the identity. The
@@ -904,6 +911,7 @@ def train_low_rank(
     steps: int = 300,
     batch_size: int = 64,
     learning_rate: float = 3e-3,
+    weight_decay: float = 0.0,
     vocabulary: str = "sampled",
     teacher_top_k: int = 64,
     negatives: int = 1024,
@@ -914,8 +922,9 @@ def train_low_rank(
 
     Loss per token and layer: KL(p_L ‖ p_ℓ), with p_L = softmax(head(h_L)) the full model's distribution
     and p_ℓ = softmax(head(A_ℓ(h_ℓ))) the adapted exit head's, summed over layers (the maps are
-    independent) and averaged over a batch of ``batch_size`` reservoir tokens; Adam with a cosine-decayed
-    learning rate for ``steps`` steps. Training runs on the model's device (a GPU when the model is on one).
+    independent) and averaged over a batch of ``batch_size`` reservoir tokens; AdamW (``weight_decay``
+    pulls U, D and c towards 0, i.e. the map towards the identity) with a cosine-decayed learning rate
+    for ``steps`` steps. Training runs on the model's device (a GPU when the model is on one).
 
     vocabulary: "full" — both distributions over the whole vocabulary (exact; 2·N·d·V multiply-adds per
                 layer and step forward, as much again backward; comfortable on a GPU).
@@ -945,7 +954,8 @@ def train_low_rank(
     d = reservoir.final.shape[1]
     vocab = backend.vocab_size
     maps = {layer: LowRankMap(d, rank, seed=seed + layer).to(device) for layer in layers}
-    optimizer = torch.optim.Adam([p for m in maps.values() for p in m.parameters()], lr=learning_rate)
+    optimizer = torch.optim.AdamW([p for m in maps.values() for p in m.parameters()], lr=learning_rate,
+                                  weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator().manual_seed(seed)
     n = reservoir.size
@@ -981,7 +991,8 @@ def train_low_rank(
         "steps": steps,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
-        "optimizer": "adam, cosine decay",
+        "optimizer": "adamw, cosine decay",
+        "weight_decay": weight_decay,
         "vocabulary": vocabulary,
         "teacher_top_k": top_k if vocabulary == "sampled" else None,
         "negatives": negatives if vocabulary == "sampled" else None,
@@ -1094,13 +1105,13 @@ class ExitFitData:
 
         examples, info = fitting_set("samsum", split="test", data_files=..., size=200, tokenizer=lm.tokenizer)
         data = ExitFitData.collect(lm, examples, info, max_new_tokens=32, layers=range(10, 30))
-        affine = data.affine(ridge=1e-2)               # ExitAdapters, kind "affine"
+        affine = data.affine(ridge=0.1)                # ExitAdapters, kind "affine"
         low_rank = data.low_rank(rank=32, steps=300)   # ExitAdapters, kind "low-rank"
         affine.save("smollm2-samsum.affine.safetensors")
     """
 
     def __init__(self, loaded, layers: Sequence[int], *, max_train_tokens: int = 8192,
-                 target: str = "final-normalized", teacher_top_k: int = 64, seed: int = 0):
+                 target: str = "final", teacher_top_k: int = 64, seed: int = 0):
         self.loaded = loaded
         self.layers = [int(x) for x in layers]
         config = loaded.model.config
@@ -1124,7 +1135,7 @@ class ExitFitData:
         max_new_tokens: int,
         layers: Sequence[int] | None = None,
         max_train_tokens: int = 8192,
-        target: str = "final-normalized",
+        target: str = "final",
         teacher_top_k: int = 64,
         seed: int = 0,
         progress: bool = False,
@@ -1169,7 +1180,7 @@ class ExitFitData:
             example_hashes=self.hashes,
         )
 
-    def affine(self, ridge: float = 1e-2) -> ExitAdapters:
+    def affine(self, ridge: float = 0.1) -> ExitAdapters:
         """Closed-form affine adapters (ridge towards the scaled identity; see RidgeStatistics.solve)."""
         started = time.perf_counter()
         maps = self.statistics.solve(ridge)
