@@ -196,11 +196,15 @@ def test_missing_table_file_and_missing_output_folder(tmp_path, capsys):
     assert LossTable.load(path).n == 400  # the table was not overwritten
 
 
-def test_without_table_decoding_is_not_wired_yet(tmp_path, capsys, monkeypatch):
+def test_without_table_the_model_path_runs_and_names_a_missing_model(tmp_path, capsys, monkeypatch):
+    # without --table ltt-calibrate decodes a model (tests/test_cli_pipeline.py runs that path end to
+    # end on a small model); a model that does not exist is a clear error and nothing is written
     monkeypatch.chdir(tmp_path)
-    assert main(["--delta", "0.1", "--epsilon", "0.05"]) == 2
-    assert "not wired" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    missing = tmp_path / "no-such-model"
+    assert main(["--delta", "0.1", "--epsilon", "0.05", "--model", str(missing),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "certificate.json").exists()
 
 
 def test_missing_required_options(capsys):
