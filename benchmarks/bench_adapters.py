@@ -104,18 +104,32 @@ def fit_adapters(args, loaded, recipe, calibration, layers):
 
 
 def agreement(args, loaded, eval_examples, adapters):
-    """Top-1 agreement per layer (full-vocabulary exit head vs the full model's token), per kind."""
+    """On the full model's greedy continuations of ``eval_examples`` (teacher-forced states):
+
+    * top-1 agreement per layer of each exit head (full vocabulary) with the full model's token;
+    * the mean earliest agreeing layer >= j;
+    * the token-level trade-off of the decoder's own exit rule (decaying pruning + softmax-margin,
+      exactly as the decoder computes them, on these states): for every λ of the default grid, the mean
+      exit layer and the share of exited tokens whose prediction differs from the full model's.
+    """
     import torch
 
+    from ltt_exit.decode import resolve_pruning, resolve_scorer
     from ltt_exit.decode.adapters import collect_states
     from ltt_exit.decode.backends import backend_for
+    from ltt_exit.decode.scorers import ExitView
+    from ltt_exit.sweep import DEFAULT_GRID
 
     backend = backend_for(loaded.model)
     L = backend.num_layers
     j = args.min_exit_layer
     layers = list(range(j, L))  # the consulted layers (full-vocabulary heads cost ~1 GFLOP per prompt each)
-    hits = {kind: np.zeros(L) for kind in ["raw", *adapters]}
-    earliest = {kind: [] for kind in hits}
+    kinds = ["raw", *adapters]
+    hits = {kind: np.zeros(L) for kind in kinds}
+    earliest = {kind: [] for kind in kinds}
+    confidences = {kind: [] for kind in kinds}  # per prompt: (len(layers), T)
+    correct = {kind: [] for kind in kinds}
+    pruning, scorer = resolve_pruning("decaying"), resolve_scorer("softmax-margin")
     tokens = 0
     started = time.perf_counter()
     with torch.inference_mode():
@@ -123,21 +137,51 @@ def agreement(args, loaded, eval_examples, adapters):
                                     max_new_tokens=args.fit_tokens, layers=layers):
             target = torch.tensor(batch.tokens)
             tokens += len(target)
-            for kind in hits:
+            for kind in kinds:
                 agree = torch.ones(L, len(target), dtype=torch.bool)  # layer L agrees by definition
                 agree[: j - 1] = False  # not measured below j
+                set_ids = None
+                conf_rows, correct_rows = [], []
                 for layer in layers:
                     hidden = batch.hidden[layer]
                     if kind != "raw":
                         hidden = adapters[kind].apply(layer, hidden)
                     agree[layer - 1] = backend.head(hidden).argmax(-1) == target
+
+                    def head(ids, hidden=hidden):
+                        return backend.head(hidden, ids)
+
+                    pruned = pruning.select(layer, min_exit_layer=j, num_layers=L, prev_ids=set_ids, head=head)
+                    view = ExitView(layer=layer, logits=pruned.logits, hidden=batch.hidden[layer],
+                                    hidden_prev=batch.hidden[layer])
+                    conf_rows.append(scorer.score(view))
+                    best = pruned.logits.argmax(-1)
+                    predicted = best if pruned.ids is None else pruned.ids.gather(-1, best[:, None])[:, 0]
+                    correct_rows.append(predicted == target)
+                    set_ids = pruned.ids
                 hits[kind] += agree.sum(dim=1).numpy()
                 # first layer >= the minimum exit layer whose head agrees (L when none does)
                 first = agree[j - 1:].float().argmax(dim=0) + j
                 earliest[kind].extend(first.tolist())
+                # the decoder-only first token comes from the prefill (no exit decision): drop it
+                confidences[kind].append(torch.stack(conf_rows)[:, 1:].double().numpy())
+                correct[kind].append(torch.stack(correct_rows)[:, 1:].numpy())
     seconds = time.perf_counter() - started
+    tradeoff = {}
+    for kind in kinds:
+        conf, ok = np.concatenate(confidences[kind], axis=1), np.concatenate(correct[kind], axis=1)
+        rows = []
+        for lam in DEFAULT_GRID:
+            passes = conf >= lam if lam < 1 else np.zeros_like(conf, dtype=bool)
+            exited = passes.any(axis=0)
+            first = passes.argmax(axis=0)
+            exit_layer = np.where(exited, first + j, L)
+            wrong = exited & ~ok[first, np.arange(conf.shape[1])]
+            rows.append({"lambda": lam, "mean_exit_layer": float(exit_layer.mean()),
+                         "exited": float(exited.mean()), "token_error": float(wrong.mean())})
+        tradeoff[kind] = rows
     return ({kind: (h / tokens).tolist() for kind, h in hits.items()},
-            {kind: float(np.mean(v)) for kind, v in earliest.items()}, tokens, seconds)
+            {kind: float(np.mean(v)) for kind, v in earliest.items()}, tradeoff, tokens, seconds)
 
 
 def sweep(args, loaded, calibration, name, adapters):
@@ -165,10 +209,11 @@ def sweep(args, loaded, calibration, name, adapters):
     return decoder, table, seconds
 
 
-def certify_table(table, num_layers: int, adapters, min_exit_layer: int, hidden_size: int):
+def certify_table(table, num_layers: int, adapters, min_exit_layer: int, hidden_size: int, loss: str = "textual"):
     from ltt_exit.certify import certify
 
     cols = table.candidate_columns
+    losses = table.losses if loss == "textual" else cols["loss_risk"]
     mean_layers_token = cols["layers_total"].sum(axis=0) / np.maximum(cols["num_tokens"].sum(axis=0), 1)
     per_layer = 0.0
     if adapters is not None:  # multiply-adds of one adapter application, x2 for FLOPs
@@ -176,7 +221,7 @@ def certify_table(table, num_layers: int, adapters, min_exit_layer: int, hidden_
         per_layer = 2.0 * (d * d + d if adapters.kind == "affine" else 2 * d * adapters.maps[adapters.layers[0]].rank + d)
     out = {}
     for delta in DELTAS:
-        certificate = certify(table.losses, table.lambdas, delta, EPSILON,
+        certificate = certify(losses, table.lambdas, delta, EPSILON,
                               costs=table.mean_per_candidate("mean_layers"))
         j = certificate.chosen_index
         if j is None:
@@ -186,7 +231,7 @@ def certify_table(table, num_layers: int, adapters, min_exit_layer: int, hidden_
         flops = cols["flops"][:, j].sum()
         full = table.example_columns["full_flops"].sum()
         adapter_flops = 0.0
-        if per_layer:
+        if per_layer and certificate.lambda_hat < 1:  # λ >= 1 consults no exit head, so no adapter either
             # adapters run at every consulted layer: j .. min(exit, L-1) for every token but the prefill's
             consulted = 0
             for row in cols["exit_layers"][:, j]:
@@ -199,7 +244,7 @@ def certify_table(table, num_layers: int, adapters, min_exit_layer: int, hidden_
             "speedup": float(num_layers / mean_layers_token[j]),
             "flops_ratio": float(flops / full),
             "flops_ratio_with_adapters": float((flops + adapter_flops) / full),
-            "risk": float(table.losses[:, j].mean()),
+            "risk": float(losses[:, j].mean()),
             "certified": int(certificate.n_certified),
         }
     return out
@@ -257,15 +302,27 @@ def main() -> None:
     results["fit"] = fit_facts
     log(f"fit: {json.dumps(fit_facts)}")
 
-    per_layer, earliest, eval_tokens, eval_seconds = agreement(args, loaded, eval_examples, adapters)
+    per_layer, earliest, tradeoff, eval_tokens, eval_seconds = agreement(args, loaded, eval_examples, adapters)
     results["agreement"] = {"per_layer": per_layer, "earliest_agreeing_layer": earliest, "tokens": eval_tokens,
-                            "seconds": eval_seconds}
+                            "token_tradeoff": tradeoff, "seconds": eval_seconds}
     show = [x for x in (12, 14, 16, 18, 20, 22, 24, 26, 28, 29) if x >= args.min_exit_layer]
     log(f"\nagreement on {eval_tokens} held-out tokens ({len(eval_examples)} validation prompts)")
     log("| exit head | " + " | ".join(f"ℓ={x}" for x in show) + f" | mean earliest agreeing ℓ ≥ {args.min_exit_layer} |")
     log("|---|" + "---|" * (len(show) + 1))
     for kind, values in per_layer.items():
         log(f"| {kind} | " + " | ".join(f"{values[x - 1]:.2f}" for x in show) + f" | {earliest[kind]:.1f} |")
+    log("\nteacher-forced token level, decoder's exit rule (decaying pruning, softmax-margin): smallest mean exit "
+        "layer with at most this share of wrong early exits (λ of the default grid)")
+    budgets = (0.005, 0.01, 0.02, 0.05)
+    log("| exit head | " + " | ".join(f"error ≤ {b:g}" for b in budgets) + " |")
+    log("|---|" + "---|" * len(budgets))
+    for kind, rows in tradeoff.items():
+        cells = []
+        for budget in budgets:
+            ok = [r for r in rows if r["token_error"] <= budget]
+            best = min(ok, key=lambda r: r["mean_exit_layer"])
+            cells.append(f"{best['mean_exit_layer']:.1f} (λ {best['lambda']:g})")
+        log(f"| {kind} | " + " | ".join(cells) + " |")
 
     results["sweeps"] = {}
     decoders = {}
@@ -274,15 +331,37 @@ def main() -> None:
         decoder, table, seconds = sweep(args, loaded, calibration, name, adapters.get(name))
         decoders[name] = decoder
         certified = certify_table(table, L, adapters.get(name), args.min_exit_layer, hidden_size)
-        results["sweeps"][name] = {"seconds": seconds, "certified": {str(k): v for k, v in certified.items()}}
+        risk = certify_table(table, L, adapters.get(name), args.min_exit_layer, hidden_size, loss="risk")
+        cols = table.candidate_columns
+        curve = [{"lambda": float(lam), "mean_layers": float(cols["layers_total"][:, i].sum() / cols["num_tokens"][:, i].sum()),
+                  "risk_textual": float(table.losses[:, i].mean()), "risk_risk": float(cols["loss_risk"][:, i].mean())}
+                 for i, lam in enumerate(table.lambdas)]
+        results["sweeps"][name] = {"seconds": seconds, "certified": {str(k): v for k, v in certified.items()},
+                                   "certified_risk_consistency": {str(k): v for k, v in risk.items()},
+                                   "curve": curve}
         log(f"  sweep {seconds:.0f}s" if seconds else "  (reused)")
     log(f"\ncertified (n = {args.n}, ε = {EPSILON}; mean layers per generated token, of {L})")
     log("| exit head | δ | λ̂ | mean layers | est. speed-up | FLOPs ratio (+adapters) | empirical risk |")
     log("|---|---|---|---|---|---|---|")
     for name in kinds:
         for delta, c in results["sweeps"][name]["certified"].items():
-            log(f"| {name} | {delta} | {c['lambda']:.2f} | {c['mean_layers']:.2f} | {c['speedup']:.2f}× | "
+            log(f"| {name} | {delta} | {c['lambda']:g} | {c['mean_layers']:.2f} | {c['speedup']:.2f}× | "
                 f"{c['flops_ratio']:.3f} ({c['flops_ratio_with_adapters']:.3f}) | {c['risk']:.3f} |")
+
+    log("\nthe same tables, risk-consistency loss (excess ROUGE-L loss against the reference summary)")
+    log("| exit head | " + " | ".join(f"δ = {d}: λ̂ / mean layers" for d in DELTAS) + " |")
+    log("|---|" + "---|" * len(DELTAS))
+    for name in kinds:
+        cells = [f"{c['lambda']:g} / {c['mean_layers']:.2f}"
+                 for c in results["sweeps"][name]["certified_risk_consistency"].values()]
+        log(f"| {name} | " + " | ".join(cells) + " |")
+    log("\nrisk (textual) against mean layers along the grid")
+    log("| λ | " + " | ".join(kinds) + " |")
+    log("|---|" + "---|" * len(kinds))
+    for i, lam in enumerate(results["sweeps"][kinds[0]]["curve"]):
+        cells = [f"{results['sweeps'][k]['curve'][i]['mean_layers']:.1f} / {results['sweeps'][k]['curve'][i]['risk_textual']:.3f}"
+                 for k in kinds]
+        log(f"| {lam['lambda']:g} | " + " | ".join(cells) + " |")
 
     results["speed"] = {}
     speed_prompts = [e.prompt for e in eval_examples[:args.speed_prompts]]
@@ -294,7 +373,7 @@ def main() -> None:
         threshold = results["sweeps"][name]["certified"]["0.1"]["lambda"]
         speed = measure_speed(loaded, decoders[name], speed_prompts, threshold, args.tokens)
         results["speed"][name] = speed | {"lambda": threshold}
-        log(f"| {name} | {threshold:.2f} | {speed['speedup_wall']:.2f}× / {speed['speedup_cpu']:.2f}× | "
+        log(f"| {name} | {threshold:g} | {speed['speedup_wall']:.2f}× / {speed['speedup_cpu']:.2f}× | "
             f"{speed['decode_speedup_wall']:.2f}× / {speed['decode_speedup_cpu']:.2f}× |")
     results["total_seconds"] = time.perf_counter() - started
     log(f"\ntotal {results['total_seconds']:.0f}s")
