@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--steps", type=int, default=300, help="low-rank: training steps (default 300)")
     fit.add_argument("--batch-size", type=int, default=64, help="low-rank: tokens per step (default 64)")
     fit.add_argument("--learning-rate", type=float, default=3e-3, help="low-rank: Adam learning rate (default 3e-3)")
+    fit.add_argument("--weight-decay", type=float, default=0.0,
+                     help="low-rank: AdamW weight decay, pulling the map towards the identity (default 0)")
     fit.add_argument("--vocabulary", choices=["sampled", "full"], default=None,
                      help="low-rank: KL over the full vocabulary, or over the teacher's top ids plus random "
                           "ids (default: full on a GPU, sampled on the CPU)")
@@ -185,7 +187,8 @@ def run(args) -> dict:
     else:
         vocabulary = args.vocabulary or ("full" if loaded.device.type == "cuda" else "sampled")
         adapters = data.low_rank(rank=args.rank, steps=args.steps, batch_size=args.batch_size,
-                                 learning_rate=args.learning_rate, vocabulary=vocabulary, seed=args.seed,
+                                 learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                                 vocabulary=vocabulary, seed=args.seed,
                                  log_every=0 if args.quiet else max(1, args.steps // 10))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     adapters.save(args.out)
