@@ -226,7 +226,8 @@ class ExampleHashes:
 
     def overlapping(self, calibration_set) -> list[str]:
         """Ids of the calibration examples that were (or share a document with) fitting examples."""
-        same_data = calibration_set.recipe in self.recipes or calibration_set.source in self.sources
+        same_data = (getattr(calibration_set, "recipe", None) in self.recipes
+                     or getattr(calibration_set, "source", None) in self.sources)
         found = []
         for example in calibration_set.examples:
             id_hash, prompt_hash, texts = self._example_parts(example)
