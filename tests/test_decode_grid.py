@@ -297,3 +297,11 @@ def test_a_fixed_vocabulary_set_is_gathered_once_per_step(monkeypatch):
     # the expert and the amateur heads computed from one gather)
     assert sequence.exit_layers[1:] == [4] * 5
     assert len(gathered) == 5
+
+
+@pytest.mark.parametrize("name", ["t5-untied-gated-4L", "qwen2-tied-4L"])
+def test_a_one_token_budget(name):
+    decoder = EarlyExitDecoder(model(name))
+    ids, mask = make_prompts(name, batch=2, seed=13)
+    check_grid_against_alone(decoder, ids, mask, max_new_tokens=1)
+    assert len(decoder.last_grid_stats.rows_per_step) == 1
