@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-train-tokens", type=int, default=8192,
                      help="low-rank: tokens kept for training (uniform reservoir sample; default 8192)")
     fit.add_argument("--seed", type=int, default=0, help="low-rank: training seed (default 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; on a busy machine 1 can be much faster)")
     parser.add_argument("--quiet", action="store_true", help="print only the final summary")
     return parser
 
@@ -158,6 +160,10 @@ def run(args) -> dict:
 
     if args.size < 1:
         raise ValueError(f"--size must be at least 1, got {args.size}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)
     started = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -197,7 +203,7 @@ def run(args) -> dict:
         "kind": adapters.kind,
         "fingerprint": adapters.fingerprint,
         "model_fingerprint": adapters.model_fingerprint,
-        "layers": [layers[0], layers[-1]] if layers == list(range(layers[0], layers[-1] + 1)) else layers,
+        "layers": f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else layers,
         "n_prompts": data.info["n_prompts"],
         "n_tokens": data.info["n_tokens"],
         "parameters": adapters.num_parameters(),

@@ -388,7 +388,7 @@ class ExitAdapters:
                 f"{len(overlap)} of {len(calibration_set.examples)} calibration examples were used to fit "
                 f"these exit adapters (ids {shown}); a certificate needs calibration examples the decoder did "
                 "not see. Calibrate on another split, or refit the adapters excluding this calibration sample "
-                "(ltt-fit-exits --exclude-calibration ...)."
+                "(ltt-fit-exits --calibration-size N ...)."
             )
 
     # ---- description and identity -----------------------------------------------------------------
@@ -1048,7 +1048,8 @@ def fitting_set(
             f"refusing to fit exit adapters on the split {fit_split!r}: it is the split recipe {recipe.name!r} "
             "calibrates on, and calibration examples must not be seen by the decoder. Fit on another split "
             "(e.g. split='test' with data_files=<that split's file>), or give the calibration sample to exclude "
-            "(exclude=<CalibrationSet>; CLI: --exclude-calibration-size N [--exclude-calibration-seed S])."
+            "(exclude=<CalibrationSet>; ltt-fit-exits: --calibration-size N [--calibration-seed S] "
+            "[--calibration-data-files FILE])."
         )
     pool = recipe.load(size=None, seed=seed, split=fit_split, data_files=data_files, data_dir=data_dir,
                        family=family, tokenizer=tokenizer)
