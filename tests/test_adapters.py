@@ -323,6 +323,13 @@ def test_distillation_lowers_the_kl_and_leaves_the_model_alone(vocabulary):
     assert adapters.fit_info["n_tokens"] == 96 and adapters.model_fingerprint == loaded.fingerprint
 
 
+def test_adapter_flops_are_two_per_multiply_add():
+    affine = ExitAdapters.identity("affine", num_layers=4, hidden_size=8, model_fingerprint="m", layers=[2])
+    low_rank = ExitAdapters.identity("low-rank", num_layers=4, hidden_size=8, model_fingerprint="m", rank=3)
+    assert affine.flops(2) == 2 * 8 * 8 and affine.flops(1) == 0  # W h: 64 multiply-adds
+    assert low_rank.flops(3) == 2 * (3 * 8 + 8 * 3)  # D h then U (D h)
+
+
 def test_low_rank_map_starts_as_the_identity_and_checks_its_rank():
     layer_map = LowRankMap(8, rank=3)
     x = torch.randn(4, 8)

@@ -419,6 +419,17 @@ class ExitAdapters:
             self._fingerprint = _fingerprint(self._header(), self.example_hashes.to_json(), self._tensors())
         return self._fingerprint
 
+    def flops(self, layer: int) -> float:
+        """FLOPs (2 per multiply-add) of one application at ``layer`` to one position; 0 without a map.
+        For the decoder's cost account: charge it at every consulted layer below the exit."""
+        layer_map = self.maps.get(layer)
+        if layer_map is None:
+            return 0.0
+        d = self.hidden_size
+        if isinstance(layer_map, LowRankMap):
+            return 2.0 * (2 * d * layer_map.rank)
+        return 2.0 * d * d
+
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self._tensors().values())
 
