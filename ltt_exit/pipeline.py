@@ -88,6 +88,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--loss", choices=["textual", "risk"], default=d["loss"],
                        help="textual: 1 − similarity to the full model's output (default); risk: excess "
                             "loss against the recipe's references")
+    model.add_argument("--exit-adapters", default=None, metavar="PATH",
+                       help="exit adapters from ltt-fit-exits (safetensors) applied before the exit heads; "
+                            "they must have been fitted on prompts disjoint from the calibration set")
     model.add_argument("--batch-prompts", type=int, default=None, metavar="B",
                        help="prompts decoded together in the sweep (default 1 on CPU, 16 on CUDA); "
                             "changes speed, not the table's meaning")
@@ -146,10 +149,16 @@ def loss_table_from_model(args: argparse.Namespace):
 
     from ltt_exit.decode import EarlyExitDecoder
 
+    adapters = None
+    if args.exit_adapters:
+        from ltt_exit.decode.adapters import ExitAdapters
+
+        adapters = ExitAdapters.load(args.exit_adapters, model_fingerprint=loaded.fingerprint)
+        adapters.check_disjoint(calibration_set)
     decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer,
                                scorer=(args.scorer, args.scorer_params),
                                pruning=(args.pruning, args.pruning_params),
-                               min_exit_layer=args.min_exit_layer, tau=args.tau)
+                               min_exit_layer=args.min_exit_layer, tau=args.tau, exit_adapters=adapters)
     batch_prompts = args.batch_prompts or (16 if decoder.backend.device.type == "cuda" else 1)
     spec = SweepSpec(lambdas=spec_check.lambdas, max_new_tokens=args.max_new_tokens or calibration_set.max_new_tokens,
                      metric=calibration_set.metric, loss=args.loss, prompts_per_batch=batch_prompts)

@@ -262,6 +262,8 @@ def run_sweep(
     import time
 
     examples = check_calibration_set(calibration_set, spec)
+    # exit adapters must not have been fitted on the calibration prompts (that would bias the risk)
+    getattr(getattr(decoder, "exit_adapters", None), "check_disjoint", lambda _: None)(calibration_set)
     out_path = Path(out_path)
     key = sweep_config_key(model_fingerprint, decoder.config_dict(), calibration_set.fingerprint, spec)
     partial = PartialSweep(partial_path(out_path), key)
