@@ -23,10 +23,9 @@ from ltt_exit.sweep.run import (
     SweepResult,
     SweepSpec,
     assemble_table,
-    check_calibration_set,
     decode_examples,
     partial_path,
-    sweep_config_key,
+    prepare_sweep,
     table_metadata,
 )
 
@@ -68,9 +67,8 @@ def run_sweep_distributed(
     import torch.distributed as dist
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    examples = check_calibration_set(calibration_set, spec)
+    examples, key = prepare_sweep(decoder, calibration_set, spec, model_fingerprint)
     out_path = Path(out_path)
-    key = sweep_config_key(model_fingerprint, decoder.config_dict(), calibration_set.fingerprint, spec)
     shard = examples[rank::world_size]
     partial = PartialSweep(partial_path(out_path, rank, world_size), key)
     resumed = len(partial)

@@ -158,6 +158,16 @@ def check_calibration_set(calibration_set, spec: SweepSpec) -> list:
     return examples
 
 
+def prepare_sweep(decoder, calibration_set, spec: SweepSpec, model_fingerprint: str) -> tuple[list, str]:
+    """Checks every sweep (single-process or distributed) makes before decoding; returns the
+    examples and the configuration key."""
+    examples = check_calibration_set(calibration_set, spec)
+    # exit adapters must not have been fitted on the calibration prompts (that would bias the risk)
+    getattr(getattr(decoder, "exit_adapters", None), "check_disjoint", lambda _: None)(calibration_set)
+    key = sweep_config_key(model_fingerprint, decoder.config_dict(), calibration_set.fingerprint, spec)
+    return examples, key
+
+
 def partial_path(out_path: Path, rank: int = 0, world_size: int = 1) -> Path:
     """Where one process keeps its resumable progress, beside the final table."""
     suffix = ".partial.jsonl" if world_size == 1 else f".partial-r{rank}-of-{world_size}.jsonl"
@@ -261,11 +271,8 @@ def run_sweep(
     """
     import time
 
-    examples = check_calibration_set(calibration_set, spec)
-    # exit adapters must not have been fitted on the calibration prompts (that would bias the risk)
-    getattr(getattr(decoder, "exit_adapters", None), "check_disjoint", lambda _: None)(calibration_set)
+    examples, key = prepare_sweep(decoder, calibration_set, spec, model_fingerprint)
     out_path = Path(out_path)
-    key = sweep_config_key(model_fingerprint, decoder.config_dict(), calibration_set.fingerprint, spec)
     partial = PartialSweep(partial_path(out_path), key)
     resumed = len(partial)
     start = time.perf_counter()
