@@ -214,3 +214,31 @@ def test_damaged_entry_is_rebuilt(tiny_gguf, tmp_path, damage):
 def test_missing_gguf_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         ensure_gguf_cache(tmp_path / "absent.gguf", cache_dir=tmp_path)
+
+
+def test_conversion_parses_the_file_once_and_matches_the_library(tiny_gguf, monkeypatch):
+    """load_gguf_uncached shares one parsed reader across transformers' config, tokenizer and weight
+    loads; the result equals the library's own loading, and gguf's module is left as it was."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = str(tiny_gguf.parent), tiny_gguf.name
+    library = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
+    library_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+
+    parses = []
+    real_reader = gguf.GGUFReader
+
+    def counting_reader(path, mode="r"):
+        parses.append(str(path))
+        return real_reader(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    model, tokenizer, _ = load_gguf_uncached(tiny_gguf)
+    assert len(parses) == 1
+    assert gguf.GGUFReader is counting_reader  # restored after the conversion
+    ours, theirs = model.state_dict(), library.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    assert tokenizer("the cat in the hat").input_ids == library_tokenizer("the cat in the hat").input_ids
