@@ -131,6 +131,9 @@ def test_calibrate_bad_arguments(workspace):
     bad_layer = _calibrate(root, "y.json", "--min-exit-layer", "9")
     assert bad_layer.returncode == 2 and "min_exit_layer" in bad_layer.stderr
     assert not (root / "y.json").exists()
+    bad_batch = _calibrate(root, "z.json", "--batch-prompts", "0")
+    assert bad_batch.returncode == 2 and "--batch-prompts must be at least 1" in bad_batch.stderr
+    assert not (root / "z.json").exists()
     no_prompts = _run("ltt_exit.cli.generate", "--certificate", "missing.json", cwd=root, stdin="")
     assert no_prompts.returncode == 2 and "no prompts" in no_prompts.stderr
 
