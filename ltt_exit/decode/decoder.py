@@ -4,9 +4,11 @@
 The per-token work is :meth:`EarlyExitDecoder._decode_position`: one pass of every row of the batch
 up the decoder. Rows exit independently; exit decisions are tensor operations (one host read per
 consulted layer, to learn whether every row has exited). A row that exited at ℓ keeps a frozen copy of
-h_ℓ, and each higher layer still runs on it so that the layer's own K/V projections of the copied
-state land in the cache (CALM's state propagation); its output is discarded. Once every row of the
-batch has exited, the remaining layers only compute those K/V projections.
+h_ℓ, and each higher layer puts its own K/V projections of the copied state in the cache (CALM's state
+propagation). Decoder-only layers compute only those projections for exited rows, and attention and
+feed-forward only for the rows still going up; T5 layers run attention on every row and the
+feed-forward block only on the rows going up. Once every row of the batch has exited, the remaining
+layers only compute the K/V projections.
 """
 from __future__ import annotations
 
@@ -167,9 +169,10 @@ class EarlyExitDecoder:
         #: once every row of a batch has exited, compute only the K/V projections of the remaining layers
         #: (False: run the full layers and discard their outputs; same results, used by the tests)
         self.kv_only_when_all_exited = True
-        #: while some rows of a batch have exited and others not, layers still run attention on every row
-        #: (its K/V land in the cache) but the feed-forward block only on the undecided rows
-        #: (False: full layers for every row; same results up to float rounding, used by the tests)
+        #: while some rows of a batch have exited and others not, the layers' outputs are computed only for
+        #: the undecided rows; exited rows get their K/V (decoder-only: only the K/V projections; T5: the
+        #: attention block) (False: full layers for every row; same results up to float rounding, used by
+        #: the tests)
         self.frozen_rows_skip_feed_forward = True
         #: what the last ``generate_grid`` call shared (``ltt_exit.decode.grid.GridStats``); None before one
         self.last_grid_stats = None

@@ -38,6 +38,21 @@ class DecoderOnlyState:
     masks: dict[str, Any] = field(default_factory=dict)
 
 
+class _RowsOfCacheLayer:
+    """Some rows of one cache layer whose current position is already appended, seen as a cache by the
+    library's attention: ``update`` writes those rows' K/V at the last position and returns their
+    whole K/V (R, kv_heads, T, hd)."""
+
+    def __init__(self, layer: Any, rows: torch.Tensor):
+        self.layer, self.rows = layer, rows
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        layer, rows = self.layer, self.rows
+        layer.keys[rows, :, -1:] = key_states.to(layer.keys.dtype)
+        layer.values[rows, :, -1:] = value_states.to(layer.values.dtype)
+        return layer.keys[rows], layer.values[rows]
+
+
 class DecoderOnlyBackend(ExitBackend):
     family = "decoder-only"
     first_token_from_prompt = True
@@ -133,12 +148,40 @@ class DecoderOnlyBackend(ExitBackend):
         )
         if rows is None or not self._split_layers:
             return layer(hidden, **arguments)
-        # the layer's own sub-modules in its order (pre-norm attention, then pre-norm MLP, each with its
-        # residual); the MLP only for the rows that need the output
-        attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **arguments)
-        output = hidden + attended
-        running = output[rows]
-        return output.index_copy(0, rows, running + layer.mlp(layer.post_attention_layernorm(running)))
+        if self.layer_types[index] == "sliding_attention":
+            # a sliding-window cache layer crops what it stores, so the rows' K/V cannot be read back
+            # after the update: attention runs on every row, the MLP only on the rows that need it
+            attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **arguments)
+            output = hidden + attended
+            running = output[rows]
+            return output.index_copy(0, rows, running + layer.mlp(layer.post_attention_layernorm(running)))
+        # The layer's own sub-modules in its order (pre-norm attention, then pre-norm MLP, each with its
+        # residual) for the rows whose output is needed. Every other row (an exited row propagating its
+        # copied state) only needs this position's K/V in the cache: its K/V projections are written
+        # first, then the library's attention runs on the needed rows through a view of the cache that
+        # fills in their own K/V and returns their rows. Outputs of the other rows are their inputs.
+        batch = hidden.shape[0]
+        cos, sin = state.position_embeddings
+        others = torch.ones(batch, dtype=torch.bool, device=hidden.device).index_fill(0, rows, False)
+        others = others.nonzero()[:, 0]
+        shape = (batch, self.config.num_key_value_heads, 1, self.head_dim)
+        keys, values = hidden.new_zeros(shape), hidden.new_zeros(shape)
+        if others.numel():
+            other_keys, other_values = self._kv_projections(index, hidden[others], cos[others], sin[others])
+            keys, values = keys.index_copy(0, others, other_keys), values.index_copy(0, others, other_values)
+        state.cache.update(keys, values, index)  # appends this position for every row
+        mask = arguments["attention_mask"]
+        running = hidden[rows]
+        attended, _ = layer.self_attn(
+            hidden_states=layer.input_layernorm(running),
+            attention_mask=None if mask is None else mask[rows],
+            position_embeddings=(cos[rows], sin[rows]),
+            position_ids=state.position_ids[rows],
+            cache=_RowsOfCacheLayer(state.cache.layers[index], rows),
+            use_cache=True,
+        )
+        running = running + attended
+        return hidden.index_copy(0, rows, running + layer.mlp(layer.post_attention_layernorm(running)))
 
     def _kv_projections(
         self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
