@@ -22,6 +22,14 @@ Two kinds:
   low-rank  h + U D h + c per layer (rank r), trained for a few hundred steps to match the final
             layer's next-token distribution (KL distillation; a GPU when the model is on one)
 
+Optionally (--exit-classifier) also an exit classifier for the scorer "exit-classifier" (CALM's learned
+confidence): a logistic model of "layer l's prediction equals the full model's token" on features of the
+adapted exit head (pruned softmax top-1/margin/entropy, agreement with layer l-1's head, cosine of
+h_l and h_(l-1)). It is fitted on further prompts of the fitting pool (--classifier-size; never the
+adapters' own prompts, on which the adapted heads look better than they are) with the decoder's
+--pruning and --min-exit-layer, and stored in the same file, so the adapter fingerprint covers it.
+--adapters PATH adds a classifier to an existing adapter file instead of fitting new adapters.
+
 The fitting prompts are greedy-decoded by the full model and the states at every generated position
 are the training data. They must NOT be calibration prompts: a certificate needs calibration examples
 the decoder never saw. Therefore:
@@ -50,6 +58,11 @@ examples:
       --size 200 --max-new-tokens 32 --layers 10-29 --kind low-rank --rank 32 --steps 300 \\
       --out smollm2-samsum.lowrank.safetensors
 
+  # add an exit classifier to existing adapters (decoder: decaying pruning, min exit layer 12)
+  ltt-fit-exits --recipe samsum --data-files ../shared/data/samsum_test.jsonl --split test \
+      --adapters smollm2-samsum.affine.safetensors --classifier-size 120 --max-new-tokens 32 \
+      --pruning decaying --min-exit-layer 12 --out smollm2-samsum.affine-clf.safetensors
+
   # one-split recipe: leave out the calibration sample (the first 100 of seed 0)
   ltt-fit-exits --recipe gensim-lee-continue --calibration-size 100 --size 150 \\
       --kind affine --out smollm2-lee.affine.safetensors
@@ -58,6 +71,16 @@ examples:
 
 def _layers(text: str) -> str:
     return text.strip()
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--max-train-tokens", type=int, default=8192,
                      help="low-rank: tokens kept for training (uniform reservoir sample; default 8192)")
     fit.add_argument("--seed", type=int, default=0, help="low-rank: training seed (default 0)")
+
+    clf = parser.add_argument_group("exit classifier (for --scorer exit-classifier)")
+    clf.add_argument("--exit-classifier", action="store_true",
+                     help="also fit an exit classifier and store it in the adapter file")
+    clf.add_argument("--adapters", type=Path, default=None, metavar="PATH",
+                     help="add the classifier to this existing adapter file instead of fitting adapters "
+                          "(implies --exit-classifier; the result goes to --out)")
+    clf.add_argument("--classifier-size", type=int, default=100,
+                     help="fitting prompts for the classifier, drawn from the fitting pool after (and never "
+                          "among) the adapters' own prompts (default 100)")
+    clf.add_argument("--pruning", default="decaying",
+                     help="the decoder's exit-head pruning (none, fixed, decaying; default decaying): the "
+                          "classifier reads the pruned softmax, so fit it for the pruning you calibrate with")
+    clf.add_argument("--pruning-params", type=_json_object, default={}, metavar="JSON",
+                     help="pruning parameters as JSON, e.g. '{\"k\": 2000}'")
+    clf.add_argument("--min-exit-layer", type=int, default=15,
+                     help="the decoder's first consulted layer (ltt-calibrate --min-exit-layer; default 15)")
+    clf.add_argument("--classifier-l2", type=float, default=1e-3,
+                     help="L2 penalty on the standardised weights (default 1e-3)")
+    clf.add_argument("--classifier-per-layer", action="store_true",
+                     help="one weight vector per layer (default: shared weights, one intercept per layer)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; on a busy machine 1 can be much faster)")
     parser.add_argument("--quiet", action="store_true", help="print only the final summary")
@@ -154,12 +198,15 @@ def _log(args, message: str) -> None:
 def run(args) -> dict:
     import torch
 
-    from ltt_exit.decode.adapters import ExitFitData, fitting_set
+    from ltt_exit.decode.adapters import ExitAdapters, ExitFitData, fit_exit_classifier, fitting_set
     from ltt_exit.models import load_model
     from ltt_exit.recipes import load_recipe
 
     if args.size < 1:
         raise ValueError(f"--size must be at least 1, got {args.size}")
+    with_classifier = args.exit_classifier or args.adapters is not None
+    if with_classifier and args.classifier_size < 1:
+        raise ValueError(f"--classifier-size must be at least 1, got {args.classifier_size}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
@@ -177,25 +224,58 @@ def run(args) -> dict:
                               data_files=args.calibration_data_files, split=args.calibration_split,
                               family=loaded.family, tokenizer=loaded.tokenizer)
         _log(args, f"calibration sample kept out of fitting: {len(exclude)} examples of split {exclude.split!r}")
-    examples, info = fitting_set(recipe, size=args.size, seed=args.sample_seed, split=args.split,
-                                 data_files=args.data_files, family=loaded.family, tokenizer=loaded.tokenizer,
-                                 exclude=exclude)
     max_new_tokens = args.max_new_tokens or recipe.max_new_tokens
-    _log(args, f"fitting prompts: {len(examples)} of split {info['split']!r} ({info['source']}); "
-               f"{max_new_tokens} greedy tokens each; layers {layers[0]}..{layers[-1]}")
-    keep_tokens = args.max_train_tokens if args.kind == "low-rank" else 0
-    data = ExitFitData.collect(loaded, examples, info, max_new_tokens=max_new_tokens, layers=layers,
-                               max_train_tokens=keep_tokens, target=args.target, seed=args.seed,
-                               progress=not args.quiet)
-    _log(args, f"collected {data.info['n_tokens']} token positions in {data.collect_seconds:.1f}s")
-    if args.kind == "affine":
-        adapters = data.affine(ridge=args.ridge)
+    if args.adapters is not None:
+        adapters = ExitAdapters.load(args.adapters, model_fingerprint=loaded.fingerprint)
+        _log(args, f"adding an exit classifier to {args.adapters} ({adapters.kind}, layers "
+                   f"{adapters.layers[0]}..{adapters.layers[-1]})")
+        layers = adapters.layers
+        n_prompts, n_tokens = adapters.fit_info.get("n_prompts"), adapters.fit_info.get("n_tokens")
     else:
-        vocabulary = args.vocabulary or ("full" if loaded.device.type == "cuda" else "sampled")
-        adapters = data.low_rank(rank=args.rank, steps=args.steps, batch_size=args.batch_size,
-                                 learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                                 vocabulary=vocabulary, seed=args.seed,
-                                 log_every=0 if args.quiet else max(1, args.steps // 10))
+        examples, info = fitting_set(recipe, size=args.size, seed=args.sample_seed, split=args.split,
+                                     data_files=args.data_files, family=loaded.family, tokenizer=loaded.tokenizer,
+                                     exclude=exclude)
+        _log(args, f"fitting prompts: {len(examples)} of split {info['split']!r} ({info['source']}); "
+                   f"{max_new_tokens} greedy tokens each; layers {layers[0]}..{layers[-1]}")
+        keep_tokens = args.max_train_tokens if args.kind == "low-rank" else 0
+        data = ExitFitData.collect(loaded, examples, info, max_new_tokens=max_new_tokens, layers=layers,
+                                   max_train_tokens=keep_tokens, target=args.target, seed=args.seed,
+                                   progress=not args.quiet)
+        _log(args, f"collected {data.info['n_tokens']} token positions in {data.collect_seconds:.1f}s")
+        if args.kind == "affine":
+            adapters = data.affine(ridge=args.ridge)
+        else:
+            vocabulary = args.vocabulary or ("full" if loaded.device.type == "cuda" else "sampled")
+            adapters = data.low_rank(rank=args.rank, steps=args.steps, batch_size=args.batch_size,
+                                     learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                                     vocabulary=vocabulary, seed=args.seed,
+                                     log_every=0 if args.quiet else max(1, args.steps // 10))
+        n_prompts, n_tokens = data.info["n_prompts"], data.info["n_tokens"]
+    classifier_summary = None
+    if with_classifier:
+        # the classifier's prompts: the same seeded pool, minus the calibration sample and minus every prompt
+        # the adapters were fitted on (on those the adapted heads agree more often than on new prompts)
+        pool, pool_info = fitting_set(recipe, size=None, seed=args.sample_seed, split=args.split,
+                                      data_files=args.data_files, family=loaded.family, tokenizer=loaded.tokenizer,
+                                      exclude=exclude)
+        fitted = adapters.example_hashes
+        fresh = [e for e in pool if not fitted.overlapping(_OneExampleSet(pool_info, e))][: args.classifier_size]
+        if not fresh:
+            raise ValueError("no prompts are left in the fitting pool for the exit classifier after leaving out the "
+                             "adapters' own prompts and the calibration sample")
+        if len(fresh) < args.classifier_size:
+            _log(args, f"only {len(fresh)} prompts left for the classifier (asked for {args.classifier_size})")
+        pool_info = pool_info | {"n_prompts": len(fresh)}
+        _log(args, f"exit classifier: {len(fresh)} further prompts, pruning {args.pruning} "
+                   f"{args.pruning_params or ''}, min exit layer {args.min_exit_layer}")
+        adapters = fit_exit_classifier(loaded, adapters, fresh, pool_info, max_new_tokens=max_new_tokens,
+                                       min_exit_layer=args.min_exit_layer,
+                                       pruning=(args.pruning, args.pruning_params), l2=args.classifier_l2,
+                                       per_layer=args.classifier_per_layer, progress=not args.quiet)
+        record = adapters.fit_info["exit_classifier"]
+        classifier_summary = {key: record[key] for key in ("n_prompts", "n_tokens", "min_exit_layer", "pruning",
+                                                           "features")}
+        classifier_summary["log_loss"] = record["method"]["log_loss"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     adapters.save(args.out)
     summary = {
@@ -204,8 +284,9 @@ def run(args) -> dict:
         "fingerprint": adapters.fingerprint,
         "model_fingerprint": adapters.model_fingerprint,
         "layers": f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else layers,
-        "n_prompts": data.info["n_prompts"],
-        "n_tokens": data.info["n_tokens"],
+        "n_prompts": n_prompts,
+        "n_tokens": n_tokens,
+        "exit_classifier": classifier_summary,
         "parameters": adapters.num_parameters(),
         "file_bytes": args.out.stat().st_size,
         "seconds": round(time.perf_counter() - started, 1),
@@ -213,6 +294,13 @@ def run(args) -> dict:
         "torch_threads": torch.get_num_threads(),
     }
     return summary
+
+
+class _OneExampleSet:
+    """One pool example as a calibration-set-like object (for ExampleHashes.overlapping)."""
+
+    def __init__(self, info, example):
+        self.recipe, self.source, self.examples = info.get("recipe"), info.get("source"), [example]
 
 
 def main(argv=None) -> int:

@@ -62,6 +62,10 @@ __all__ = [
     "ExitFitData",
     "train_low_rank",
     "fitting_set",
+    "DEFAULT_CLASSIFIER_FEATURES",
+    "exit_classifier_samples",
+    "fit_logistic_exit_model",
+    "fit_exit_classifier",
     "resolve_exit_adapters",
     "check_disjoint",
 ]
@@ -70,6 +74,8 @@ __all__ = [
 ADAPTER_FORMAT_VERSION = 1
 _HEADER_KEY = "ltt_exit_exit_adapters"
 _HASHES_KEY = "ltt_exit_fit_example_hashes"
+_CLASSIFIER_WEIGHT = "exit_classifier.weight"
+_CLASSIFIER_BIAS = "exit_classifier.bias"
 #: text fields at least this long are hashed (shorter values, e.g. labels, collide by chance)
 _MIN_FIELD_CHARS = 32
 
@@ -266,6 +272,8 @@ class ExitAdapters:
     model_fingerprint: :func:`ltt_exit.models.model_fingerprint` of that model and tokenizer
     fit_info:          JSON-able provenance (recipe, split, sizes, method, timings)
     example_hashes:    hashes of the fitting examples (see :class:`ExampleHashes`)
+    exit_classifier:   optional fitted exit classifier (:class:`ltt_exit.decode.scorers.LogisticExitModel`) for
+                       the ``exit-classifier`` scorer; its provenance is ``fit_info["exit_classifier"]``
 
     ``apply(layer, hidden (B, d)) -> (B, d)`` runs the layer's map on the hidden state's device in its
     dtype (half precisions in float32) and returns the result in the hidden state's dtype; a layer
@@ -282,7 +290,12 @@ class ExitAdapters:
         fit_info: dict[str, Any] | None = None,
         example_hashes: ExampleHashes | None = None,
         path: str | os.PathLike[str] | None = None,
+        exit_classifier: Any = None,
     ):
+        from .scorers import LogisticExitModel
+
+        if exit_classifier is not None and not isinstance(exit_classifier, LogisticExitModel):
+            raise TypeError(f"exit_classifier must be a LogisticExitModel or None, got {type(exit_classifier).__name__}")
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
             raise ValueError(f"num_layers must be an int >= 2, got {num_layers!r}")
         if not isinstance(model_fingerprint, str) or not model_fingerprint:
@@ -310,6 +323,10 @@ class ExitAdapters:
         self.fit_info = dict(fit_info or {})
         self.example_hashes = example_hashes or ExampleHashes()
         self.path = None if path is None else str(Path(path).resolve())
+        self.exit_classifier = exit_classifier
+        if exit_classifier is not None and exit_classifier.layers[-1] >= num_layers:
+            raise ValueError(f"the exit classifier covers layers up to {exit_classifier.layers[-1]}; consulted layers "
+                             f"of a {num_layers}-layer decoder end at {num_layers - 1}")
         self._device = torch.device("cpu")
         self._dtype = torch.float32
         self._fingerprint: str | None = None
@@ -393,7 +410,7 @@ class ExitAdapters:
 
     # ---- description and identity -----------------------------------------------------------------
     def _header(self) -> dict[str, Any]:
-        return {
+        header = {
             "format_version": ADAPTER_FORMAT_VERSION,
             "kind": self.kind,
             "num_layers": self.num_layers,
@@ -403,13 +420,39 @@ class ExitAdapters:
             "model_fingerprint": self.model_fingerprint,
             "fit": self.fit_info,
         }
+        if self.exit_classifier is not None:  # absent otherwise, so files without one keep their fingerprint
+            header["exit_classifier"] = self.exit_classifier.to_json()
+        return header
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        tensors = {
             f"layer.{layer}.{name}": tensor.to("cpu", torch.float32).contiguous()
             for layer, layer_map in self.maps.items()
             for name, tensor in layer_map.tensors().items()
         }
+        if self.exit_classifier is not None:  # float64: the loaded classifier is bit-identical to the fitted one
+            tensors[_CLASSIFIER_WEIGHT] = self.exit_classifier.weight.to("cpu", torch.float64).contiguous()
+            tensors[_CLASSIFIER_BIAS] = self.exit_classifier.bias.to("cpu", torch.float64).contiguous()
+        return tensors
+
+    def with_exit_classifier(self, model: Any, info: dict[str, Any] | None = None,
+                             example_hashes: ExampleHashes | None = None) -> "ExitAdapters":
+        """A copy of these adapters holding the fitted exit classifier ``model`` (a LogisticExitModel).
+
+        info:           its provenance (fitting prompts, features, pruning, settings), kept in
+                        ``fit_info["exit_classifier"]`` and so covered by the fingerprint
+        example_hashes: hashes of its fitting examples, merged with the adapters' own so that
+                        :meth:`check_disjoint` also refuses calibration examples the classifier saw
+        The copy has no path (save it)."""
+        hashes = ExampleHashes(**{key: set(getattr(self.example_hashes, key)) for key in
+                                  ("ids", "prompts", "texts", "recipes", "sources")})
+        if example_hashes is not None:
+            for key in ("ids", "prompts", "texts", "recipes", "sources"):
+                getattr(hashes, key).update(getattr(example_hashes, key))
+        fit_info = dict(self.fit_info) | {"exit_classifier": dict(info or {})}
+        return ExitAdapters(dict(self.maps), num_layers=self.num_layers, hidden_size=self.hidden_size,
+                            model_fingerprint=self.model_fingerprint, fit_info=fit_info, example_hashes=hashes,
+                            exit_classifier=model)
 
     @property
     def fingerprint(self) -> str:
@@ -454,6 +497,12 @@ class ExitAdapters:
             "method": fit.get("method", {}).get("name"),
             "fitted_on": {key: fit.get(key) for key in ("recipe", "split", "fit_set_sha256", "n_prompts", "n_tokens")},
             "path": self.path,
+        } | ({} if self.exit_classifier is None else {"exit_classifier": self._classifier_summary()})
+
+    def _classifier_summary(self) -> dict[str, Any]:
+        info = self.fit_info.get("exit_classifier", {})
+        return self.exit_classifier.to_json() | {
+            key: info.get(key) for key in ("pruning", "min_exit_layer", "fit_set_sha256", "n_prompts", "n_tokens")
         }
 
     def __repr__(self) -> str:
@@ -519,6 +568,17 @@ class ExitAdapters:
             prefix = f"layer.{layer}."
             own = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
             maps[int(layer)] = LAYER_MAPS[kind].from_tensors(hidden, own, header["params"][str(layer)])
+        classifier = None
+        if "exit_classifier" in header:
+            from .scorers import LogisticExitModel
+
+            if _CLASSIFIER_WEIGHT not in tensors or _CLASSIFIER_BIAS not in tensors:
+                raise AdapterMismatch(f"{path}: the header names an exit classifier but its tensors are missing")
+            try:
+                classifier = LogisticExitModel(header["exit_classifier"]["features"], header["exit_classifier"]["layers"],
+                                               tensors[_CLASSIFIER_WEIGHT], tensors[_CLASSIFIER_BIAS])
+            except (KeyError, ValueError) as error:
+                raise AdapterMismatch(f"{path}: bad exit classifier ({error})") from None
         adapters = cls(
             maps,
             num_layers=int(header["num_layers"]),
@@ -527,6 +587,7 @@ class ExitAdapters:
             fit_info=header.get("fit") or {},
             example_hashes=ExampleHashes.from_json(hashes_json),
             path=path,
+            exit_classifier=classifier,
         )
         extra = set(tensors) - set(adapters._tensors())
         if extra:
@@ -1208,3 +1269,206 @@ class ExitFitData:
         maps, facts = train_low_rank(self.loaded.model, self.reservoir, **train_options)
         facts["train_seconds"] = round(facts["train_seconds"], 3)
         return self._adapters(maps, facts)
+
+
+# ------------------------------------------------------------------------------ exit classifier
+
+
+#: features of the default exit classifier (see ltt_exit.decode.scorers.EXIT_FEATURES)
+DEFAULT_CLASSIFIER_FEATURES: tuple[str, ...] = (
+    "top1-log-odds", "margin", "entropy", "previous-agrees", "previous-top1-log-odds", "previous-margin",
+    "hidden-cosine",
+)
+
+
+@torch.inference_mode()
+def exit_classifier_samples(
+    backend,
+    batch: StateBatch,
+    adapters: Any,
+    *,
+    pruning: Any,
+    min_exit_layer: int,
+    features: Sequence[str] = DEFAULT_CLASSIFIER_FEATURES,
+    skip_first: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced training samples of an exit classifier from one prompt's states.
+
+    At every position of ``batch`` and consulted layer ℓ (``min_exit_layer`` <= ℓ < L), the exit decision's
+    inputs are built as the decoder builds them: the exit head on ``adapters.apply(ℓ, h_ℓ)`` (adapters None:
+    the raw head), ``pruning`` chained over the consulted layers, an :class:`ExitView` with ``logits_at`` over
+    the layer's vocabulary set, and :func:`exit_features` of it. The label is whether the layer's prediction
+    (arg-max over its set) equals the full model's token. ``batch.hidden`` must hold layers
+    ``min_exit_layer - 1`` .. L-1. ``skip_first`` (default: decoder-only models) drops position 0, whose token
+    the decoder-only decoder takes from the prompt's prefill without an exit decision.
+
+    Returns features (T, L - min_exit_layer, G) float64 and labels (T, L - min_exit_layer) bool.
+    """
+    from .pruning import resolve_pruning
+    from .scorers import ExitView, exit_features
+
+    pruning = resolve_pruning(pruning)
+    num_layers = backend.num_layers
+    if not 2 <= min_exit_layer < num_layers:
+        raise ValueError(f"fitting an exit classifier needs min_exit_layer in [2, {num_layers - 1}] (states are "
+                         f"collected from layer 1 up), got {min_exit_layer}")
+    missing = [a for a in range(min_exit_layer - 1, num_layers) if a not in batch.hidden]
+    if missing:
+        raise ValueError(f"the states lack layers {missing}; collect layers {max(1, min_exit_layer - 1)}..{num_layers - 1}")
+    if skip_first is None:
+        skip_first = backend.first_token_from_prompt
+    target = torch.tensor(batch.tokens, device=backend.device)
+    adapted: dict[int, torch.Tensor] = {}
+
+    def head(layer: int, ids: torch.Tensor | None) -> torch.Tensor:
+        if layer not in adapted:
+            hidden = batch.hidden[layer].to(backend.device, backend.dtype)
+            adapted[layer] = hidden if adapters is None else adapters.apply(layer, hidden)
+        return backend.head(adapted[layer], ids)
+
+    rows, labels = [], []
+    set_ids = None
+    for layer in range(min_exit_layer, num_layers):
+        pruned = pruning.select(layer, min_exit_layer=min_exit_layer, num_layers=num_layers, prev_ids=set_ids,
+                                head=lambda ids, layer=layer: head(layer, ids))
+        view = ExitView(layer=layer, logits=pruned.logits,
+                        hidden=batch.hidden[layer].to(backend.device, backend.dtype),
+                        hidden_prev=batch.hidden[layer - 1].to(backend.device, backend.dtype),
+                        logits_at=lambda a, ids=pruned.ids: head(a, ids))
+        rows.append(exit_features(view, tuple(features)).double().cpu())
+        best = pruned.logits.argmax(dim=-1)
+        predicted = best if pruned.ids is None else pruned.ids.gather(-1, best[:, None])[:, 0]
+        labels.append((predicted == target).cpu())
+        set_ids = pruned.ids
+    x, y = torch.stack(rows, dim=1).numpy(), torch.stack(labels, dim=1).numpy()
+    return (x[1:], y[1:]) if skip_first else (x, y)
+
+
+def fit_logistic_exit_model(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    layers: Sequence[int],
+    names: Sequence[str],
+    l2: float = 1e-3,
+    per_layer: bool = False,
+    max_iterations: int = 5000,
+):
+    """L2-penalised logistic regression of ``labels`` on ``features``, one intercept per layer.
+
+    features: (N, n, G) for N positions at the n consulted ``layers``; labels: (N, n) bool
+    l2:       penalty (on standardised features) on the weights, not on the intercepts; the mean log-loss
+              is minimised, so l2 does not depend on N
+    per_layer: one weight vector per layer (False: one shared by all layers)
+    Minimised with scipy's L-BFGS-B (exact gradient); the standardisation is folded into the returned
+    coefficients. Returns (LogisticExitModel, facts).
+    """
+    from scipy.optimize import minimize
+    from scipy.special import expit, log_expit
+
+    from .scorers import LogisticExitModel
+
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if x.ndim != 3 or y.shape != x.shape[:2]:
+        raise ValueError(f"features must be (N, layers, G) and labels (N, layers); got {x.shape} and {y.shape}")
+    n_layers, n_features = x.shape[1], x.shape[2]
+    if len(layers) != n_layers or len(names) != n_features:
+        raise ValueError(f"{n_layers} layers and {n_features} features in the data, but {len(layers)} layer numbers "
+                         f"and {len(names)} feature names")
+    if x.shape[0] < 1:
+        raise ValueError("no samples to fit the exit classifier on")
+    if not np.isfinite(x).all():
+        raise ValueError("exit-classifier features contain NaN or infinity")
+    if not l2 > 0:
+        raise ValueError(f"l2 must be > 0 (separable data has no finite unpenalised fit), got {l2!r}")
+    mean = x.reshape(-1, n_features).mean(axis=0)
+    scale = x.reshape(-1, n_features).std(axis=0)
+    scale[scale == 0] = 1.0  # a constant feature carries nothing beyond the intercepts
+    z = (x - mean) / scale
+    sign = np.where(y, 1.0, -1.0)
+    count = y.size
+    rows = n_layers if per_layer else 1
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        bias, weight = theta[:n_layers], theta[n_layers:].reshape(rows, n_features)
+        logit = bias + np.einsum("nlg,lg->nl", z, np.broadcast_to(weight, (n_layers, n_features)))
+        value = -log_expit(sign * logit).sum() / count + 0.5 * l2 * (weight**2).sum()
+        residual = -sign * expit(-sign * logit) / count  # d loss / d logit
+        grad_weight = np.einsum("nlg,nl->lg", z, residual)
+        if not per_layer:
+            grad_weight = grad_weight.sum(axis=0, keepdims=True)
+        return value, np.concatenate([residual.sum(axis=0), (grad_weight + l2 * weight).ravel()])
+
+    started = time.perf_counter()
+    result = minimize(loss, np.zeros(n_layers + rows * n_features), jac=True, method="L-BFGS-B",
+                      options={"maxiter": max_iterations, "gtol": 1e-9})
+    bias, weight = result.x[:n_layers], np.broadcast_to(result.x[n_layers:].reshape(rows, n_features),
+                                                        (n_layers, n_features))
+    raw_weight = weight / scale
+    raw_bias = bias - raw_weight @ mean
+    model = LogisticExitModel(names, layers, torch.from_numpy(raw_weight.copy()), torch.from_numpy(raw_bias.copy()))
+    facts = {"l2": l2, "per_layer": per_layer, "samples": int(count), "positive_share": float(y.mean()),
+             "log_loss": float(result.fun), "converged": bool(result.success), "iterations": int(result.nit),
+             "fit_seconds": round(time.perf_counter() - started, 3)}
+    return model, facts
+
+
+def fit_exit_classifier(
+    loaded,
+    adapters: ExitAdapters,
+    examples: Sequence,
+    info: dict[str, Any],
+    *,
+    max_new_tokens: int,
+    min_exit_layer: int,
+    pruning: Any = "decaying",
+    features: Sequence[str] = DEFAULT_CLASSIFIER_FEATURES,
+    l2: float = 1e-3,
+    per_layer: bool = False,
+    progress: bool = False,
+) -> ExitAdapters:
+    """Fit an exit classifier for ``adapters`` and return a copy of them that holds it.
+
+    loaded:   a LoadedModel; examples / info: fitting prompts and their provenance (:func:`fitting_set`). Use
+              prompts the adapters were *not* fitted on: on their own fitting prompts the adapted heads agree
+              more often than on new prompts, and the classifier would learn that optimism.
+    The full model greedy-decodes every prompt (``collect_states``); the samples are
+    :func:`exit_classifier_samples` with the decoder's ``pruning`` and ``min_exit_layer`` (a classifier is
+    fitted for one pruning: it sees the pruned softmax). The fit is :func:`fit_logistic_exit_model`.
+    """
+    from .backends import backend_for
+    from .pruning import resolve_pruning
+
+    backend = backend_for(loaded.model)
+    pruning = resolve_pruning(pruning)
+    layers = list(range(min_exit_layer - 1, backend.num_layers))
+    started = time.perf_counter()
+    xs, ys = [], []
+    prompts = [example.prompt for example in examples]
+    for index, batch in enumerate(collect_states(loaded.model, loaded.tokenizer, prompts,
+                                                 max_new_tokens=max_new_tokens, layers=layers)):
+        x, y = exit_classifier_samples(backend, batch, adapters, pruning=pruning, min_exit_layer=min_exit_layer,
+                                       features=features)
+        xs.append(x)
+        ys.append(y)
+        if progress and (index + 1) % 25 == 0:
+            print(f"  classifier samples: {index + 1}/{len(prompts)} prompts ({time.perf_counter() - started:.0f}s)",
+                  flush=True)
+    collect_seconds = time.perf_counter() - started
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    model, facts = fit_logistic_exit_model(x, y, layers=list(range(min_exit_layer, backend.num_layers)),
+                                           names=tuple(features), l2=l2, per_layer=per_layer)
+    record = {key: info.get(key) for key in ("recipe", "split", "source", "family", "sample_seed")} | {
+        "n_prompts": len(prompts),
+        "n_tokens": int(x.shape[0]),
+        "fit_set_sha256": _fit_set_digest(examples),
+        "max_new_tokens": max_new_tokens,
+        "min_exit_layer": min_exit_layer,
+        "pruning": {"name": pruning.name, "params": pruning.params()},
+        "features": list(features),
+        "method": {"name": "logistic"} | facts,
+        "collect_seconds": round(collect_seconds, 3),
+    }
+    hashes = ExampleHashes.of(examples, recipe=info.get("recipe", ""), source=info.get("source", ""))
+    return adapters.with_exit_classifier(model, record, hashes)

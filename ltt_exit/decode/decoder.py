@@ -166,6 +166,10 @@ class EarlyExitDecoder:
         #: optional per-layer maps applied to h_ℓ before the exit head (ltt_exit.decode.adapters);
         #: an object with ``apply(layer, hidden (B, d)) -> (B, d)`` and ``describe() -> dict``
         self.exit_adapters = exit_adapters
+        bind = getattr(self.scorer, "bind_exit_adapters", None)
+        if bind is not None:  # a scorer whose fitted parameters live in the adapter file (exit-classifier)
+            self.scorer = bind(exit_adapters)
+            self.scorer.validate(self.num_layers, min_exit_layer)
         #: once every row of a batch has exited, compute only the K/V projections of the remaining layers
         #: (False: run the full layers and discard their outputs; same results, used by the tests)
         self.kv_only_when_all_exited = True

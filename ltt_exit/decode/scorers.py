@@ -25,7 +25,12 @@ __all__ = [
     "HiddenCosine",
     "WeightedContrastive",
     "JSDContrastive",
+    "EXIT_FEATURES",
+    "exit_features",
+    "LogisticExitModel",
+    "ExitClassifier",
     "SCORERS",
+    "FITTED_SCORERS",
     "resolve_scorer",
     "top1_minus_top2",
     "contrast_distribution",
@@ -242,9 +247,175 @@ class JSDContrastive(ConfidenceScorer):
         return top1_minus_top2(contrast_distribution(log_p_expert, log_p_amateur, self.alpha))
 
 
+# ------------------------------------------------------------------------------ learned exit classifier
+
+#: features an exit classifier may read, each computed from an :class:`ExitView` exactly as the decoder
+#: sees the position at layer ℓ (pruned vocabulary set S_ℓ, adapted head). "previous-*" features read the
+#: exit head of layer ℓ-1 over the *same* set S_ℓ (``view.logits_at(ℓ - 1)``), so they cost k head rows
+#: (and, with exit adapters, one more adapter application) per consulted layer.
+EXIT_FEATURES: tuple[str, ...] = (
+    "top1-log-odds",            # log(p1 / (1 - p1)) of the softmax over S_ℓ (clipped to ±_LOG_ODDS_CLIP)
+    "margin",                   # p1 - p2
+    "entropy",                  # entropy (nats) of the softmax over S_ℓ
+    "previous-agrees",          # 1 when layer ℓ-1's head over S_ℓ has the same top-1, else 0
+    "previous-top1-log-odds",   # log-odds of layer ℓ's top-1 token under layer ℓ-1's softmax over S_ℓ
+    "previous-margin",          # p1 - p2 of layer ℓ-1's softmax over S_ℓ
+    "hidden-cosine",            # cos(h_ℓ, h_{ℓ-1}) of the raw (unadapted) states
+)
+_PREVIOUS_FEATURES = frozenset(name for name in EXIT_FEATURES if name.startswith("previous-"))
+_LOG_ODDS_CLIP = 30.0
+
+
+def _log_odds(p: torch.Tensor) -> torch.Tensor:
+    # log p - log(1 - p), computed from the distribution's own mass so that p near 1 keeps its precision
+    return (p.log() - (-p).log1p()).clamp(-_LOG_ODDS_CLIP, _LOG_ODDS_CLIP)
+
+
+def exit_features(view: ExitView, names: tuple[str, ...] | list[str]) -> torch.Tensor:
+    """(B, len(names)) features of the rows in ``view`` (names from :data:`EXIT_FEATURES`), in the compute
+    dtype (half precisions promoted to float32)."""
+    unknown = [name for name in names if name not in EXIT_FEATURES]
+    if unknown:
+        raise ValueError(f"unknown exit-classifier features {unknown}; known: {list(EXIT_FEATURES)}")
+    dtype = _compute_dtype(view.logits.dtype)
+    probs = torch.softmax(view.logits.to(dtype), dim=-1)
+    if probs.shape[-1] == 1:
+        top, top_index = probs, torch.zeros(probs.shape[:-1] + (1,), dtype=torch.long, device=probs.device)
+        second = torch.zeros_like(top)
+    else:
+        best = torch.topk(probs, 2, dim=-1)
+        top, top_index, second = best.values[..., :1], best.indices[..., :1], best.values[..., 1:]
+    columns: dict[str, Callable[[], torch.Tensor]] = {
+        "top1-log-odds": lambda: _log_odds(top[..., 0]),
+        "margin": lambda: (top - second)[..., 0],
+        "entropy": lambda: -torch.special.xlogy(probs, probs).sum(dim=-1),
+        "hidden-cosine": lambda: torch.nn.functional.cosine_similarity(
+            view.hidden.to(dtype), view.hidden_prev.to(dtype), dim=-1, eps=1e-12),
+    }
+    if _PREVIOUS_FEATURES.intersection(names):
+        if view.logits_at is None:
+            raise ValueError("the previous-layer features need view.logits_at (the exit head at layer ℓ-1)")
+        previous = torch.softmax(view.logits_at(view.layer - 1).to(dtype), dim=-1)
+        columns["previous-agrees"] = lambda: (previous.argmax(dim=-1) == top_index[..., 0]).to(dtype)
+        columns["previous-top1-log-odds"] = lambda: _log_odds(previous.gather(-1, top_index)[..., 0])
+        columns["previous-margin"] = lambda: top1_minus_top2(previous)
+    return torch.stack([columns[name]() for name in names], dim=-1)
+
+
+class LogisticExitModel:
+    """A fitted exit classifier: P(layer ℓ's prediction equals the final layer's) = σ(b_ℓ + w_ℓ · f).
+
+    features: names from :data:`EXIT_FEATURES` (the order of the columns of ``weight``)
+    layers:   the consulted layers it was fitted for (1-based), ascending
+    weight:   (len(layers), len(features)) coefficients on the raw features (standardisation folded in)
+    bias:     (len(layers),) intercepts
+    A model fitted with one shared weight vector has identical rows.
+    """
+
+    def __init__(self, features, layers, weight: torch.Tensor, bias: torch.Tensor):
+        self.features = tuple(str(name) for name in features)
+        unknown = [name for name in self.features if name not in EXIT_FEATURES]
+        if unknown or not self.features:
+            raise ValueError(f"exit-classifier features must be names from {list(EXIT_FEATURES)}; got {list(features)}")
+        self.layers = [int(layer) for layer in layers]
+        if not self.layers or self.layers != sorted(set(self.layers)) or self.layers[0] < 1:
+            raise ValueError(f"layers must be distinct ascending ints >= 1, got {list(layers)}")
+        weight = torch.as_tensor(weight, dtype=torch.float64)
+        bias = torch.as_tensor(bias, dtype=torch.float64)
+        if tuple(weight.shape) != (len(self.layers), len(self.features)) or tuple(bias.shape) != (len(self.layers),):
+            raise ValueError(
+                f"weight must be ({len(self.layers)}, {len(self.features)}) and bias ({len(self.layers)},) for "
+                f"{len(self.layers)} layers and {len(self.features)} features; got {tuple(weight.shape)} and "
+                f"{tuple(bias.shape)}"
+            )
+        if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+            raise ValueError("exit-classifier weights must be finite")
+        self.weight, self.bias = weight, bias
+        self._row = {layer: i for i, layer in enumerate(self.layers)}
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def logit(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """features (B, G) at ``layer`` -> (B,) log-odds, in the features' dtype and device."""
+        row = self._row.get(layer)
+        if row is None:
+            raise ValueError(
+                f"the exit classifier was fitted for layers {self.layers[0]}..{self.layers[-1]}, not layer {layer}; "
+                "use a min exit layer it covers or refit it (ltt-fit-exits --exit-classifier)"
+            )
+        key = (features.device, features.dtype)
+        if key not in self._cache:
+            self._cache[key] = (self.weight.to(features.device, features.dtype),
+                                self.bias.to(features.device, features.dtype))
+        weight, bias = self._cache[key]
+        return features @ weight[row] + bias[row]
+
+    def probability(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        """features (B, G) -> (B,) σ(b_ℓ + w_ℓ · f)."""
+        return torch.sigmoid(self.logit(layer, features))
+
+    def flops(self) -> float:
+        """FLOPs of the logistic model itself per position and layer (the features' head rows are extra)."""
+        return 2.0 * len(self.features) + 4.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"features": list(self.features), "layers": list(self.layers)}
+
+
+class ExitClassifier(ConfidenceScorer):
+    """CALM's learned early-exit classifier: confidence = the fitted probability that layer ℓ's prediction
+    equals the full model's, from features of the exit head and the states (:data:`EXIT_FEATURES`).
+
+    The parameters are fitted by ``ltt-fit-exits --exit-classifier`` and live in the exit-adapter file, so
+    the adapter fingerprint that sweeps and certificates record covers them. Built by name, the scorer is
+    unfitted; the decoder binds it to its exit adapters (:meth:`bind_exit_adapters`) and refuses adapters
+    that hold no classifier. An unfitted scorer refuses to score.
+    """
+
+    name = "exit-classifier"
+
+    def __init__(self, model: LogisticExitModel | None = None):
+        if model is not None and not isinstance(model, LogisticExitModel):
+            raise TypeError(f"model must be a LogisticExitModel or None, got {type(model).__name__}")
+        self.model = model
+
+    def bind_exit_adapters(self, exit_adapters: Any) -> "ExitClassifier":
+        """The scorer with the classifier held by ``exit_adapters`` (ValueError when there is none)."""
+        model = getattr(exit_adapters, "exit_classifier", None)
+        if model is None:
+            where = "no exit adapters were given" if exit_adapters is None else (
+                f"the exit adapters {getattr(exit_adapters, 'path', None) or ''} hold no fitted classifier".replace("  ", " "))
+            raise ValueError(
+                f"the exit-classifier scorer needs its fitted parameters, and {where}. Fit them into the adapter "
+                "file with `ltt-fit-exits --exit-classifier` (or ExitAdapters.with_exit_classifier)."
+            )
+        return ExitClassifier(model)
+
+    def validate(self, num_layers: int, min_exit_layer: int) -> None:
+        if self.model is not None:
+            missing = [layer for layer in range(min_exit_layer, num_layers) if layer not in self.model.layers]
+            if missing:
+                raise ValueError(
+                    f"the exit classifier covers layers {self.model.layers[0]}..{self.model.layers[-1]}; the "
+                    f"decoder consults layers {min_exit_layer}..{num_layers - 1} ({missing} missing)"
+                )
+
+    def score(self, view: ExitView) -> torch.Tensor:
+        if self.model is None:
+            raise ValueError(
+                "the exit-classifier scorer has no fitted parameters: build the decoder with exit adapters whose "
+                "file holds a classifier (ltt-fit-exits --exit-classifier); the decoder binds it"
+            )
+        return self.model.probability(view.layer, exit_features(view, self.model.features))
+
+
 SCORERS: dict[str, type[ConfidenceScorer]] = {
     cls.name: cls for cls in (SoftmaxMax, SoftmaxMargin, HiddenCosine, WeightedContrastive, JSDContrastive)
 }
+
+#: scorers whose parameters are fitted and stored in the exit-adapter file: resolved by name like the others,
+#: but kept apart from ``SCORERS`` (the scorers that work on any decoder as they are), because a decoder can
+#: use them only together with adapters that hold their fit
+FITTED_SCORERS: dict[str, type[ConfidenceScorer]] = {ExitClassifier.name: ExitClassifier}
 
 
 def resolve_scorer(spec: str | ConfidenceScorer | tuple[str, dict[str, Any]]) -> ConfidenceScorer:
@@ -252,10 +423,11 @@ def resolve_scorer(spec: str | ConfidenceScorer | tuple[str, dict[str, Any]]) ->
     if isinstance(spec, ConfidenceScorer):
         return spec
     name, kwargs = _split_spec(spec, "scorer")
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; known scorers: {sorted(SCORERS)}")
+    known = SCORERS | FITTED_SCORERS
+    if name not in known:
+        raise ValueError(f"unknown scorer {name!r}; known scorers: {sorted(known)}")
     try:
-        return SCORERS[name](**kwargs)
+        return known[name](**kwargs)
     except TypeError as err:
         raise ValueError(f"bad parameters for scorer {name!r}: {err}") from None
 
