@@ -144,3 +144,35 @@ def test_help_texts_teach():
     assert "risk tolerance" in calibrate.stdout and "--recipe" in calibrate.stdout
     generate = _run("ltt_exit.cli.generate", "--help", cwd=Path.cwd())
     assert generate.returncode == 0 and "refuses" in generate.stdout
+
+
+def test_generate_finds_a_moved_exit_adapter_file(workspace):
+    """ltt-calibrate --exit-adapters records the file; after it moves, ltt-generate refuses until it is told
+    where the file is now (--exit-adapters), and refuses adapters for a certificate made without them."""
+    from ltt_exit.decode.adapters import ExitAdapters
+    from ltt_exit.models import load_model
+
+    root = workspace
+    loaded = load_model(str(root / "model"), device="cpu")
+    adapters = ExitAdapters.identity("affine", num_layers=4, hidden_size=loaded.model.config.hidden_size,
+                                     model_fingerprint=loaded.fingerprint)
+    original = adapters.save(root / "adapters.safetensors")
+    made = _calibrate(root, "cert-adapters.json", "--exit-adapters", str(original))
+    assert made.returncode == 0, made.stderr
+    assert json.loads((root / "cert-adapters.json").read_text())["metadata"]["decoder"]["exit_adapters"]
+    moved = original.rename(root / "moved-adapters.safetensors")
+
+    def generate(*extra: str) -> subprocess.CompletedProcess:
+        return _run("ltt_exit.cli.generate", "--certificate", "cert-adapters.json", "--model", str(root / "model"),
+                    "--device", "cpu", "--json", *extra, "w5 w6 w7", cwd=root)
+
+    lost = generate()
+    assert lost.returncode == 3 and "not there" in lost.stderr and "--exit-adapters" in lost.stderr
+    found = generate("--exit-adapters", str(moved))
+    assert found.returncode == 0, found.stderr
+    assert len(json.loads(found.stdout.splitlines()[0])["exit_layers"]) >= 1
+    if not (root / "cert.json").exists():
+        assert _calibrate(root, "cert.json").returncode == 0
+    without = _run("ltt_exit.cli.generate", "--certificate", "cert.json", "--model", str(root / "model"),
+                   "--device", "cpu", "--exit-adapters", str(moved), "w5", cwd=root)
+    assert without.returncode == 3 and "made without them" in without.stderr

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--file", type=Path, help="prompts file: one per line, or .jsonl with a 'prompt' field")
     parser.add_argument("--model", help="load the model from here instead of the name in the certificate "
                                         "(it must still match the certified fingerprint)")
+    parser.add_argument("--exit-adapters", type=Path, default=None, metavar="PATH",
+                        help="where the certified exit-adapter file is now, when it moved since ltt-calibrate "
+                             "(default: the path the certificate records; the file must have the certified "
+                             "fingerprint)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present)")
     parser.add_argument("--raw", action="store_true", help="send prompts as given, without the chat template")
     parser.add_argument("--show-exits", action="store_true", help="print each token with its exit layer")
@@ -71,7 +75,8 @@ def main(argv=None) -> int:
         prompts = _read_prompts(args)
         if not prompts:
             raise ValueError("no prompts given (arguments, --file or standard input)")
-        certified = CertifiedDecoder(args.certificate, args.model, device=args.device)
+        certified = CertifiedDecoder(args.certificate, args.model, device=args.device,
+                                     exit_adapters=None if args.exit_adapters is None else str(args.exit_adapters))
         outputs = certified.generate(prompts, formatted=args.raw)
     except (CertificateMismatch, CertificateError) as err:
         print(f"ltt-generate: refused: {err}", file=sys.stderr)
