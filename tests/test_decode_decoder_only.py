@@ -263,3 +263,16 @@ def test_bad_input():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2))
     with pytest.raises(TypeError, match="Qwen2ForCausalLM"):
         EarlyExitDecoder(gpt2)
+
+
+def test_an_older_transformers_is_refused_with_a_clear_message():
+    """Before 5.24 the library's layers take the cache as ``past_key_values``: the decoder must not import
+    there (it would decode without a cache)."""
+    import subprocess
+    import sys
+
+    code = ("import transformers; transformers.__version__ = '5.17.0'\n"
+            "import ltt_exit.decode\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "needs transformers >= 5.24, found 5.17.0" in done.stderr

@@ -2,6 +2,18 @@
 from __future__ import annotations
 
 import torch
+import transformers
+from packaging.version import Version
+
+# The backends call the library's layers and mask helpers with the cache keyword ``cache=`` (named
+# ``past_key_values`` before 5.24); an older transformers would take it as an unknown keyword and
+# decode without a cache, silently wrong, so it is refused here.
+MIN_TRANSFORMERS = "5.24"
+if Version(transformers.__version__).release < Version(MIN_TRANSFORMERS).release:
+    raise ImportError(
+        f"ltt-exit's decoder needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}; "
+        f"pip install 'transformers>={MIN_TRANSFORMERS},<6'"
+    )
 
 from .base import ExitBackend, PromptBatch
 from .decoder_only import SUPPORTED_CAUSAL_LMS, DecoderOnlyBackend
