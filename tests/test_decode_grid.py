@@ -25,12 +25,7 @@ MODELS = {
 PRUNING_SPECS = {"none": "none", "fixed": ("fixed", {"k": 12}), "decaying": ("decaying", {"k_max": 60, "k_min": 4})}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)
