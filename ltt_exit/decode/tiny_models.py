@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_t5", "tiny_llama", "tiny_qwen2", "tiny_mistral"]
+__all__ = ["tiny_t5", "tiny_causal_lm", "tiny_llama", "tiny_qwen2", "tiny_mistral"]
 
 
 def _spread_weights(model: torch.nn.Module, spread: float) -> None:
@@ -71,21 +71,37 @@ def tiny_t5(
     return _finish(model, seed, spread, dtype)
 
 
-def _causal_lm(config_class, model_class, *, seed, dtype, **config_kwargs):
-    config = config_class(**config_kwargs)
-    torch.manual_seed(seed)
-    model = model_class(config)
-    with torch.no_grad():  # biases (Qwen2's q/k/v) start at zero; make them matter
-        for name, parameter in model.named_parameters():
-            if name.endswith(".bias"):
-                parameter.normal_(0.0, 0.5 * config.initializer_range)
-    return model.to(dtype).eval()
+# family -> (config class, model class) of transformers
+_CAUSAL_LM_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
 
 
-def _decoder_only_defaults(
-    vocab_size, hidden_size, num_layers, num_heads, num_key_value_heads, tied, initializer_range
+def tiny_causal_lm(
+    family: str,
+    *,
+    seed: int = 0,
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    num_layers: int = 3,
+    num_heads: int = 4,
+    num_key_value_heads: int = 2,
+    tied: bool = False,
+    initializer_range: float = 0.4,
+    dtype: torch.dtype = torch.float32,
+    **extra_config,
 ):
-    return dict(
+    """A random decoder-only model of ``family`` (llama, qwen2, mistral): BOS 1, EOS 2, pad 0, an MLP twice
+    the hidden size, grouped-query attention by default; ``extra_config`` goes to the config (e.g.
+    ``sliding_window``). Biases (Qwen2's q/k/v) get random values so that they matter."""
+    import transformers
+
+    if family not in _CAUSAL_LM_CLASSES:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(_CAUSAL_LM_CLASSES)}")
+    config_name, model_name = _CAUSAL_LM_CLASSES[family]
+    config = getattr(transformers, config_name)(
         initializer_range=initializer_range,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -98,72 +114,30 @@ def _decoder_only_defaults(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        **extra_config,
     )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():  # biases start at zero; make them matter
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5 * config.initializer_range)
+    return model.to(dtype).eval()
 
 
-def tiny_llama(
-    *,
-    seed: int = 0,
-    vocab_size: int = 128,
-    hidden_size: int = 32,
-    num_layers: int = 3,
-    num_heads: int = 4,
-    num_key_value_heads: int = 2,
-    tied: bool = False,
-    initializer_range: float = 0.4,
-    dtype: torch.dtype = torch.float32,
-):
-    """A random ``LlamaForCausalLM`` (BOS 1, EOS 2, pad 0); grouped-query attention by default."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kwargs = _decoder_only_defaults(
-        vocab_size, hidden_size, num_layers, num_heads, num_key_value_heads, tied, initializer_range
-    )
-    return _causal_lm(LlamaConfig, LlamaForCausalLM, seed=seed, dtype=dtype, **kwargs)
+def tiny_llama(**kwargs):
+    """A random ``LlamaForCausalLM``; arguments of :func:`tiny_causal_lm` (untied by default)."""
+    return tiny_causal_lm("llama", **kwargs)
 
 
-def tiny_qwen2(
-    *,
-    seed: int = 0,
-    vocab_size: int = 128,
-    hidden_size: int = 32,
-    num_layers: int = 3,
-    num_heads: int = 4,
-    num_key_value_heads: int = 2,
-    tied: bool = True,
-    initializer_range: float = 0.4,
-    dtype: torch.dtype = torch.float32,
-):
-    """A random ``Qwen2ForCausalLM`` (q/k/v projections with biases)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    kwargs = _decoder_only_defaults(
-        vocab_size, hidden_size, num_layers, num_heads, num_key_value_heads, tied, initializer_range
-    )
-    return _causal_lm(Qwen2Config, Qwen2ForCausalLM, seed=seed, dtype=dtype, **kwargs)
+def tiny_qwen2(*, tied: bool = True, **kwargs):
+    """A random ``Qwen2ForCausalLM`` (q/k/v projections with biases; tied by default)."""
+    return tiny_causal_lm("qwen2", tied=tied, **kwargs)
 
 
-def tiny_mistral(
-    *,
-    seed: int = 0,
-    vocab_size: int = 128,
-    hidden_size: int = 32,
-    num_layers: int = 3,
-    num_heads: int = 4,
-    num_key_value_heads: int = 2,
-    sliding_window: int | None = None,
-    tied: bool = False,
-    initializer_range: float = 0.4,
-    dtype: torch.dtype = torch.float32,
-):
-    """A random ``MistralForCausalLM`` (optionally with a sliding attention window)."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    kwargs = _decoder_only_defaults(
-        vocab_size, hidden_size, num_layers, num_heads, num_key_value_heads, tied, initializer_range
-    )
-    kwargs["sliding_window"] = sliding_window
-    return _causal_lm(MistralConfig, MistralForCausalLM, seed=seed, dtype=dtype, **kwargs)
+def tiny_mistral(*, sliding_window: int | None = None, **kwargs):
+    """A random ``MistralForCausalLM``, optionally with a sliding attention window."""
+    return tiny_causal_lm("mistral", sliding_window=sliding_window, **kwargs)
 
 
 def tiny_word_tokenizer(vocab_size: int, *, pad_id: int = 0, bos_id: int | None = None, eos_id: int = 1,
