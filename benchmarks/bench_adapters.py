@@ -19,6 +19,13 @@
    λ = 1 on held-out prompts, wall clock and process CPU time, whole call and per generated token after
    the prefill (a 1-token call is subtracted).
 
+5. Kind ``affine+classifier`` (not in the default ``--kinds``): the affine adapters plus an exit classifier
+   (scorer ``exit-classifier``, CALM's learned confidence) fitted by ``fit_exit_classifier`` on
+   ``--classifier-size`` further test-split prompts (never the adapters' own), for ``--pruning``; it is swept
+   and certified like the others with that scorer. ``--pruning`` applies to every kind's sweep.
+
+    python3 benchmarks/bench_adapters.py --fit-size 200 --kinds affine,affine+classifier --skip-agreement
+
 Adapter files and loss tables are kept in ``--work-dir`` and reused when the settings match, so an
 interrupted run resumes (sweeps resume per prompt). Prints markdown tables and writes a JSON file.
 """
@@ -55,7 +62,12 @@ def parse_args():
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--speed-prompts", type=int, default=12)
-    parser.add_argument("--kinds", default="raw,affine,low-rank")
+    parser.add_argument("--kinds", default="raw,affine,low-rank",
+                        help="raw, affine, low-rank, affine+classifier (comma list)")
+    parser.add_argument("--pruning", default="decaying", help="exit-head pruning of every sweep: none, fixed:K, decaying")
+    parser.add_argument("--classifier-size", type=int, default=120,
+                        help="affine+classifier: test-split prompts for the classifier, after the adapters' own")
+    parser.add_argument("--skip-agreement", action="store_true", help="skip the per-layer agreement step")
     return parser.parse_args()
 
 
@@ -184,16 +196,57 @@ def agreement(args, loaded, eval_examples, adapters):
             {kind: float(np.mean(v)) for kind, v in earliest.items()}, tradeoff, tokens, seconds)
 
 
+def pruning_spec(text: str):
+    """'none' | 'decaying' | 'fixed:K' -> a pruning spec for the decoder."""
+    if text.startswith("fixed:"):
+        return ("fixed", {"k": int(text.split(":", 1)[1])})
+    return text
+
+
+def fit_classifier(args, loaded, recipe, calibration, affine):
+    """The affine adapters plus an exit classifier fitted on further test-split prompts (or an earlier file)."""
+    from ltt_exit.decode.adapters import ExitAdapters, fit_exit_classifier, fitting_set
+
+    path = args.work_dir / f"affine+classifier-{args.pruning.replace(':', '')}.safetensors"
+    settings = {"adapters": affine.fingerprint, "size": args.classifier_size, "pruning": args.pruning,
+                "min_exit_layer": args.min_exit_layer, "tokens": args.fit_tokens}
+    stamp = path.with_suffix(".json")
+    if path.exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
+        log(f"reusing {path}")
+        return ExitAdapters.load(path, model_fingerprint=loaded.fingerprint)
+    pool, info = fitting_set(recipe, size=None, seed=1, split="test", data_files=args.data_dir / "samsum_test.jsonl",
+                             family=loaded.family, tokenizer=loaded.tokenizer, exclude=calibration)
+
+    class One:
+        recipe, source = info["recipe"], info["source"]
+
+        def __init__(self, example):
+            self.examples = [example]
+
+    fresh = [e for e in pool if not affine.example_hashes.overlapping(One(e))][: args.classifier_size]
+    log(f"fitting the exit classifier on {len(fresh)} further test-split prompts ({args.pruning}) …")
+    started = time.perf_counter()
+    adapters = fit_exit_classifier(loaded, affine, fresh, info | {"n_prompts": len(fresh)},
+                                   max_new_tokens=args.fit_tokens, min_exit_layer=args.min_exit_layer,
+                                   pruning=pruning_spec(args.pruning), progress=True)
+    log(f"  {time.perf_counter() - started:.0f}s: {json.dumps(adapters.fit_info['exit_classifier']['method'])}")
+    adapters.save(path)
+    stamp.write_text(json.dumps(settings))
+    return adapters
+
+
 def sweep(args, loaded, calibration, name, adapters):
     from ltt_exit.decode import EarlyExitDecoder
     from ltt_exit.loss_table import LossTable
     from ltt_exit.sweep import SweepSpec, run_sweep, sweep_config_key
 
-    decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, scorer="softmax-margin", pruning="decaying",
+    scorer = "exit-classifier" if name.endswith("+classifier") else "softmax-margin"
+    decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, scorer=scorer, pruning=pruning_spec(args.pruning),
                                min_exit_layer=args.min_exit_layer, exit_adapters=adapters)
     spec = SweepSpec(max_new_tokens=args.tokens, metric=calibration.metric, loss="textual")
     key = sweep_config_key(loaded.fingerprint, decoder.config_dict(), calibration.fingerprint, spec)
-    path = args.work_dir / f"sweep-{name}.parquet"
+    suffix = "" if args.pruning == "decaying" else "-" + args.pruning.replace(":", "")
+    path = args.work_dir / f"sweep-{name}{suffix}.parquet"
     if path.exists():
         table = LossTable.load(path)
         if table.metadata.get("sweep_config_key") == key:
@@ -219,6 +272,9 @@ def certify_table(table, num_layers: int, adapters, min_exit_layer: int, hidden_
     if adapters is not None:  # multiply-adds of one adapter application, x2 for FLOPs
         d = hidden_size
         per_layer = 2.0 * (d * d + d if adapters.kind == "affine" else 2 * d * adapters.maps[adapters.layers[0]].rank + d)
+    # the exit classifier's "previous-*" features apply layer ℓ-1's adapter again at every consulted layer but
+    # the first (ℓ-1 = j-1 has no adapter here); its head rows are in the cost account already
+    rerun = adapters is not None and getattr(adapters, "exit_classifier", None) is not None
     out = {}
     for delta in DELTAS:
         certificate = certify(losses, table.lambdas, delta, EPSILON,
@@ -237,6 +293,8 @@ def certify_table(table, num_layers: int, adapters, min_exit_layer: int, hidden_
             for row in cols["exit_layers"][:, j]:
                 exits = [int(x) for x in str(row).split()][1:]
                 consulted += sum(min(e, num_layers - 1) - min_exit_layer + 1 for e in exits)
+                if rerun:
+                    consulted += sum(min(e, num_layers - 1) - min_exit_layer for e in exits)
             adapter_flops = per_layer * consulted
         out[delta] = {
             "lambda": float(certificate.lambda_hat),
@@ -301,8 +359,15 @@ def main() -> None:
     adapters, fit_facts = fit_adapters(args, loaded, recipe, calibration, layers)
     results["fit"] = fit_facts
     log(f"fit: {json.dumps(fit_facts)}")
-
-    per_layer, earliest, tradeoff, eval_tokens, eval_seconds = agreement(args, loaded, eval_examples, adapters)
+    if "affine+classifier" in kinds:
+        adapters["affine+classifier"] = fit_classifier(args, loaded, recipe, calibration, adapters["affine"])
+        adapters["affine+classifier"].check_disjoint(calibration)
+        results["fit"]["classifier"] = adapters["affine+classifier"].fit_info["exit_classifier"]
+    if args.skip_agreement:
+        run_steps(args, loaded, calibration, eval_examples, adapters, kinds, L, hidden_size, results, started)
+        return
+    plain = {k: v for k, v in adapters.items() if not k.endswith("+classifier")}
+    per_layer, earliest, tradeoff, eval_tokens, eval_seconds = agreement(args, loaded, eval_examples, plain)
     results["agreement"] = {"per_layer": per_layer, "earliest_agreeing_layer": earliest, "tokens": eval_tokens,
                             "token_tradeoff": tradeoff, "seconds": eval_seconds}
     show = [x for x in (12, 14, 16, 18, 20, 22, 24, 26, 28, 29) if x >= args.min_exit_layer]
@@ -323,6 +388,12 @@ def main() -> None:
             best = min(ok, key=lambda r: r["mean_exit_layer"])
             cells.append(f"{best['mean_exit_layer']:.1f} (λ {best['lambda']:g})")
         log(f"| {kind} | " + " | ".join(cells) + " |")
+    run_steps(args, loaded, calibration, eval_examples, adapters, kinds, L, hidden_size, results, started)
+
+
+def run_steps(args, loaded, calibration, eval_examples, adapters, kinds, L, hidden_size, results, started):
+    """Sweeps, certification and speed measurements of ``kinds``; writes the JSON results."""
+    import torch
 
     results["sweeps"] = {}
     decoders = {}
@@ -369,7 +440,7 @@ def main() -> None:
         f"{args.threads} thread(s)")
     log("| exit head | λ̂ | generate speed-up (wall / CPU) | per decoded token (wall / CPU) |")
     log("|---|---|---|---|")
-    for name in kinds:
+    for name in kinds if speed_prompts else []:  # --speed-prompts 0 skips the speed measurements
         threshold = results["sweeps"][name]["certified"]["0.1"]["lambda"]
         speed = measure_speed(loaded, decoders[name], speed_prompts, threshold, args.tokens)
         results["speed"][name] = speed | {"lambda": threshold}
