@@ -397,3 +397,14 @@ def test_decoder_paths_agree_with_the_classifier_scorer():
     fast = FastEarlyExitDecoder(model, tok, **settings)
     for got, want in zip(fast.generate(input_ids=ids, threshold=thresholds, max_new_tokens=7, eos_token_id=[]), batch):
         assert (got.token_ids, got.exit_layers) == (want.token_ids, want.exit_layers)
+
+
+def test_adding_a_classifier_leaves_the_original_adapters_alone():
+    model, tok = model_and_tokenizer()
+    adapters = random_affine(model)
+    hidden = torch.randn(2, backend_for(model).hidden_size, dtype=torch.float64)
+    before = adapters.apply(2, hidden)  # moves the maps to float64
+    copy = adapters.with_exit_classifier(random_classifier([2, 3]))
+    assert copy.maps[2] is not adapters.maps[2]
+    assert torch.equal(adapters.apply(2, hidden), before)
+    assert copy.fingerprint != adapters.fingerprint and adapters.exit_classifier is None

@@ -31,6 +31,7 @@ unless the calibration sample is excluded.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -450,7 +451,9 @@ class ExitAdapters:
             for key in ("ids", "prompts", "texts", "recipes", "sources"):
                 getattr(hashes, key).update(getattr(example_hashes, key))
         fit_info = dict(self.fit_info) | {"exit_classifier": dict(info or {})}
-        return ExitAdapters(dict(self.maps), num_layers=self.num_layers, hidden_size=self.hidden_size,
+        # copies of the maps: the constructor moves them to float32 in place, which must not touch ours
+        maps = {layer: copy.deepcopy(layer_map) for layer, layer_map in self.maps.items()}
+        return ExitAdapters(maps, num_layers=self.num_layers, hidden_size=self.hidden_size,
                             model_fingerprint=self.model_fingerprint, fit_info=fit_info, example_hashes=hashes,
                             exit_classifier=model)
 
