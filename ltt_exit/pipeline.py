@@ -76,7 +76,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="token budget N per prompt (default: the recipe's)")
     model.add_argument("--scorer", default=d["scorer"],
                        help="confidence scorer: softmax-max, softmax-margin, hidden-cosine, "
-                            f"weighted-contrastive, jsd-contrastive (default {d['scorer']})")
+                            "weighted-contrastive, jsd-contrastive, or exit-classifier (a learned "
+                            "classifier fitted by ltt-fit-exits --exit-classifier; needs --exit-adapters "
+                            f"with that file) (default {d['scorer']})")
     model.add_argument("--scorer-params", type=_json_object, default={}, metavar="JSON",
                        help="scorer parameters as JSON, e.g. '{\"alpha\": 0.1}'")
     model.add_argument("--pruning", default=d["pruning"],
