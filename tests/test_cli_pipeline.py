@@ -176,3 +176,35 @@ def test_generate_finds_a_moved_exit_adapter_file(workspace):
     without = _run("ltt_exit.cli.generate", "--certificate", "cert.json", "--model", str(root / "model"),
                    "--device", "cpu", "--exit-adapters", str(moved), "w5", cwd=root)
     assert without.returncode == 3 and "made without them" in without.stderr
+
+
+def test_calibrate_and_generate_with_the_exit_classifier_scorer(workspace):
+    """--scorer exit-classifier takes its fitted parameters from the --exit-adapters file; without a file
+    holding a classifier the command refuses, naming the problem."""
+    import torch
+
+    from ltt_exit.decode.adapters import ExitAdapters
+    from ltt_exit.decode.scorers import LogisticExitModel
+    from ltt_exit.models import load_model
+
+    root = workspace
+    loaded = load_model(str(root / "model"), device="cpu")
+    plain = ExitAdapters.identity("affine", num_layers=4, hidden_size=loaded.model.config.hidden_size,
+                                  model_fingerprint=loaded.fingerprint)
+    classifier = LogisticExitModel(["margin"], [1, 2, 3], torch.full((3, 1), 4.0), torch.tensor([-2.0, -1.0, 0.0]))
+    with_classifier = plain.with_exit_classifier(classifier).save(root / "classifier.safetensors")
+    made = _calibrate(root, "cert-classifier.json", "--scorer", "exit-classifier", "--exit-adapters",
+                      str(with_classifier))
+    assert made.returncode == 0, made.stderr
+    decoder = json.loads((root / "cert-classifier.json").read_text())["metadata"]["decoder"]
+    assert decoder["scorer"]["name"] == "exit-classifier"
+    gen = _run("ltt_exit.cli.generate", "--certificate", "cert-classifier.json", "--model", str(root / "model"),
+               "--device", "cpu", "--json", "w5 w6 w7", cwd=root)
+    assert gen.returncode == 0, gen.stderr
+    assert len(json.loads(gen.stdout.splitlines()[0])["exit_layers"]) >= 1
+
+    no_classifier = plain.save(root / "plain.safetensors")
+    refused = _calibrate(root, "cert-refused.json", "--scorer", "exit-classifier", "--exit-adapters",
+                         str(no_classifier))
+    assert refused.returncode == 2 and "hold no fitted classifier" in refused.stderr
+    assert not (root / "cert-refused.json").exists()
