@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -393,7 +392,6 @@ def main() -> None:
 
 def run_steps(args, loaded, calibration, eval_examples, adapters, kinds, L, hidden_size, results, started):
     """Sweeps, certification and speed measurements of ``kinds``; writes the JSON results."""
-    import torch
 
     results["sweeps"] = {}
     decoders = {}

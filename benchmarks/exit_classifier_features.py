@@ -17,7 +17,6 @@ computes them: the exit head (raw, or after the affine exit adapters of ``bench_
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

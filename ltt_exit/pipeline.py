@@ -7,12 +7,11 @@ the same configuration was swept before, and otherwise runs the sweep (resumable
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
+from ltt_exit.cli._arguments import json_object
 from ltt_exit.sweep.run import DEFAULT_GRID, SweepSpec, sweep_config_key
 
 # The embedded default: small enough that the whole first run (model conversion included) stays
@@ -31,16 +30,6 @@ DEFAULTS = {
 # products into matrix products; on two CPU cores 8 prompts (about 100 rows once the candidates
 # split) sweep 2.4× faster per prompt than 1, and 16 is no faster than 8 (docs/benchmarks.md)
 DEFAULT_BATCH_PROMPTS = (8, 16)
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"k\": 2000}'")
-    return value
 
 
 def _grid(text: str) -> tuple[float, ...]:
@@ -79,11 +68,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             "weighted-contrastive, jsd-contrastive, or exit-classifier (a learned "
                             "classifier fitted by ltt-fit-exits --exit-classifier; needs --exit-adapters "
                             f"with that file) (default {d['scorer']})")
-    model.add_argument("--scorer-params", type=_json_object, default={}, metavar="JSON",
+    model.add_argument("--scorer-params", type=json_object, default={}, metavar="JSON",
                        help="scorer parameters as JSON, e.g. '{\"alpha\": 0.1}'")
     model.add_argument("--pruning", default=d["pruning"],
                        help=f"exit-head vocabulary pruning: none, fixed, decaying (default {d['pruning']})")
-    model.add_argument("--pruning-params", type=_json_object, default={}, metavar="JSON",
+    model.add_argument("--pruning-params", type=json_object, default={}, metavar="JSON",
                        help="pruning parameters as JSON, e.g. '{\"k\": 2000}'")
     model.add_argument("--min-exit-layer", type=int, default=d["min_exit_layer"],
                        help=f"first layer whose exit head is consulted (default {d['min_exit_layer']})")
@@ -238,7 +227,6 @@ def smallest_certifying_n(pvalue: str, delta: float, epsilon: float, limit: int 
 
 def describe_outcome(table, certificate, info) -> str:
     """Mean layers and estimated speed-up at the certified λ, and what n means for the guarantee."""
-    import numpy as np
 
     num_layers = int(table.metadata.get("num_layers", 0)) or None
     lines = []

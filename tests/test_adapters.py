@@ -4,8 +4,6 @@ certificate path and the CLI. Tiny random models and files the tests write; offl
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,12 +36,7 @@ from ltt_exit.recipes import load_recipe
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def llama(**kw):

@@ -208,3 +208,15 @@ def test_calibrate_and_generate_with_the_exit_classifier_scorer(workspace):
                          str(no_classifier))
     assert refused.returncode == 2 and "hold no fitted classifier" in refused.stderr
     assert not (root / "cert-refused.json").exists()
+
+
+def test_json_options_must_be_json_objects():
+    import argparse
+
+    from ltt_exit.cli._arguments import json_object
+
+    assert json_object('{"k": 2000}') == {"k": 2000}
+    with pytest.raises(argparse.ArgumentTypeError, match="not valid JSON"):
+        json_object("{k: 2000}")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a JSON object"):
+        json_object("[2000]")

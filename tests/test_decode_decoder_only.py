@@ -168,7 +168,7 @@ def test_propagated_keys_are_rotated_at_the_token_position():
     by_layer, by_projection = backend.start(PromptBatch(ids, mask)), backend.start(PromptBatch(ids, mask))
     tokens = torch.tensor([5, 9])
     hidden_a = backend.begin_step(by_layer, tokens)
-    hidden_b = backend.begin_step(by_projection, tokens)
+    backend.begin_step(by_projection, tokens)  # the same step opened on the second state
     frozen = torch.randn_like(hidden_a)
     for index in range(backend.num_layers):
         backend.run_layer(by_layer, index, frozen)

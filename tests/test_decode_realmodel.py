@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import torch
 
 from ltt_exit.decode import EarlyExitDecoder
 from ltt_exit.decode.reference import reference_generate

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from ltt_exit.cli._arguments import json_object
+
 DESCRIPTION = """\
 Fit exit adapters for a model that was not trained for early exit.
 
@@ -71,16 +73,6 @@ examples:
 
 def _layers(text: str) -> str:
     return text.strip()
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     clf.add_argument("--pruning", default="decaying",
                      help="the decoder's exit-head pruning (none, fixed, decaying; default decaying): the "
                           "classifier reads the pruned softmax, so fit it for the pruning you calibrate with")
-    clf.add_argument("--pruning-params", type=_json_object, default={}, metavar="JSON",
+    clf.add_argument("--pruning-params", type=json_object, default={}, metavar="JSON",
                      help="pruning parameters as JSON, e.g. '{\"k\": 2000}'")
     clf.add_argument("--min-exit-layer", type=int, default=15,
                      help="the decoder's first consulted layer (ltt-calibrate --min-exit-layer; default 15)")

@@ -726,7 +726,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
     def _load(self, s: _Session, prompt: PromptBatch, state0: Any, first: torch.Tensor, thresholds: list[float],
               max_new_tokens: int, eos: set[int], forced, first_step: int) -> None:
         """Copy this call's prompt state, thresholds and settings into the session's buffers."""
-        batch, L = len(thresholds), self.num_layers
+        L = self.num_layers
         dtype = self.compute_dtype
         table = torch.stack([
             self.schedule.at(thresholds, t, max_new_tokens, device=s.device, dtype=dtype)
