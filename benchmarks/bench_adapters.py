@@ -286,7 +286,9 @@ def certify_table(table, num_layers: int, adapters, min_exit_layer: int, hidden_
         flops = cols["flops"][:, j].sum()
         full = table.example_columns["full_flops"].sum()
         adapter_flops = 0.0
-        if per_layer and certificate.lambda_hat < 1:  # λ >= 1 consults no exit head, so no adapter either
+        # tables of cost model 2 and later already count the adapters in their flops column
+        counted = int(table.metadata.get("cost_model", 1)) >= 2
+        if per_layer and not counted and certificate.lambda_hat < 1:  # λ >= 1 consults no exit head
             # adapters run at every consulted layer: j .. min(exit, L-1) for every token but the prefill's
             consulted = 0
             for row in cols["exit_layers"][:, j]:

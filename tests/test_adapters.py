@@ -534,3 +534,37 @@ def test_cli_help_teaches_and_the_cli_refuses_then_fits(tmp_path, capsys):
     assert adapters.fit_info["n_prompts"] == 6 and adapters.fit_info["excluded"][0]["n"] == 8
     calibration = load_recipe(str(recipe)).load(size=8, data_files=data)
     adapters.check_disjoint(calibration)
+
+
+@pytest.mark.parametrize("scorer, extra_layers", [
+    ("softmax-margin", lambda layer: set()),
+    (("weighted-contrastive", {"amateur_layer": 1}), lambda layer: {1}),
+])
+def test_cost_account_charges_each_read_adapter_once_per_token(scorer, extra_layers):
+    """Identity adapters leave every exit unchanged, so the FLOPs differ from the raw decoder's by exactly
+    one map application (2·d² for an affine map) per adapted layer whose head a token read: the consulted
+    layers j..min(exit, L-1) and the scorer's amateur; nothing for λ = 1 or the prefill's first token."""
+    model = llama()
+    tok = tokenizer_for(model)
+    backend = backend_for(model)
+    d, num_layers, min_exit = backend.hidden_size, backend.num_layers, 2
+    identity = ExitAdapters.identity("affine", num_layers=num_layers, hidden_size=d, model_fingerprint="sha256:test")
+    raw = EarlyExitDecoder(model, tok, scorer=scorer, min_exit_layer=min_exit)
+    adapted = EarlyExitDecoder(model, tok, scorer=scorer, min_exit_layer=min_exit, exit_adapters=identity)
+    texts = prompts(3, seed=4)
+    for threshold in (1.0, 0.6, 0.3):
+        plain = raw.generate(texts, threshold=threshold, max_new_tokens=6)
+        with_maps = adapted.generate(texts, threshold=threshold, max_new_tokens=6)
+        for a, b in zip(plain, with_maps):
+            assert a.token_ids == b.token_ids and a.exit_layers == b.exit_layers
+            expected = 0.0
+            if threshold < 1.0:
+                for exit_layer in b.exit_layers[1:]:  # token 0 comes from the prompt prefill
+                    read = set(range(min_exit, min(exit_layer, num_layers - 1) + 1))
+                    read |= {extra for layer in read for extra in extra_layers(layer)}
+                    expected += 2.0 * d * d * len(read)
+            assert b.cost.adapter_flops == pytest.approx(expected)
+            assert a.cost.adapter_flops == 0.0
+            assert b.cost.flops - a.cost.flops == pytest.approx(expected)
+        if threshold == 0.3:
+            assert any(layer < num_layers for s in with_maps for layer in s.exit_layers)

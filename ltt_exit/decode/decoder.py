@@ -58,6 +58,7 @@ class _StepHeads:
         self.head_rows = head_rows
         self.exit_adapters = exit_adapters
         self._memo: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
+        self._adapted: dict[int, torch.Tensor] = {}  # layer -> adapted state (B, d) of this step
         # LM-head rows of the last vocabulary set asked for: a fixed set (and the amateurs' heads) is
         # evaluated at many layers of a step, gathered once
         self._weights_ids: torch.Tensor | None = None
@@ -77,8 +78,11 @@ class _StepHeads:
         hidden = self.hiddens[layer]
         if self.exit_adapters is not None and layer < self.backend.num_layers:
             # exit adapters map h_ℓ towards the final hidden state before the model's own head; the
-            # last layer never goes through one, so the full model's predictions are unchanged
-            hidden = self.exit_adapters.apply(layer, hidden)
+            # last layer never goes through one, so the full model's predictions are unchanged. Each
+            # layer's map runs once per step, however many vocabulary sets read its head.
+            if layer not in self._adapted:
+                self._adapted[layer] = self.exit_adapters.apply(layer, hidden)
+            hidden = self._adapted[layer]
         if ids is not None and ids is not self._weights_ids:
             self._weights_ids, self._weights = ids, self.backend.head_weights(ids)
         logits = self.backend.head(hidden, ids, self._weights if ids is not None else None)
@@ -552,12 +556,29 @@ class EarlyExitDecoder:
             heads.count(exits, decision.exit_head_rows)
         return exits, decision.predicted, decision.confidence, decision.set_ids
 
+    def _adapter_flops(self, exit_layer: int) -> float:
+        """FLOPs of the exit adapters for one token that consulted layers j..min(exit_layer, L-1): each
+        layer whose head the step read (the consulted layers and the layers their scorer reads, e.g. a
+        contrastive amateur) runs its map once."""
+        flops = getattr(self.exit_adapters, "flops", None)
+        if flops is None:
+            return 0.0
+        if self.scorer.needs_logits or not isinstance(self.pruning, NoPruning):
+            consulted = range(self.min_exit_layer, min(exit_layer, self.num_layers - 1) + 1)
+        else:  # a scorer that does not read the head evaluates it only where the token exits
+            consulted = range(exit_layer, exit_layer + 1) if exit_layer < self.num_layers else range(0)
+        read = set(consulted).union(*(self.scorer.other_head_layers(layer) for layer in consulted))
+        return float(sum(flops(layer) for layer in read if 0 < layer < self.num_layers))
+
     def _finish(self, record: _RowRecord, prompt_length: int, threshold: float) -> DecodedSequence:
         backend, num_layers = self.backend, self.num_layers
         cost = CostAccount(prefill_flops=backend.prefill_flops(prompt_length))
         kv = backend.kv_flops()
         full_head = backend.head_flops(backend.vocab_size)
+        consults = threshold < 1.0  # λ >= 1 never consults an exit head
         for t, (layer, rows) in enumerate(zip(record.exit_layers, record.head_rows)):
+            if consults and not (backend.first_token_from_prompt and t == 0):
+                cost.adapter_flops += self._adapter_flops(layer)
             if backend.first_token_from_prompt:
                 context, source = prompt_length + t, 0  # token t comes from the pass of position P-1+t
             else:
@@ -569,6 +590,7 @@ class EarlyExitDecoder:
             cost.kv_propagations += num_layers - layer
             cost.flops += layer * per_layer + (num_layers - layer) * kv + backend.head_flops(rows)
             cost.full_flops += num_layers * per_layer + full_head
+        cost.flops += cost.adapter_flops
         text = ""
         if self.tokenizer is not None:
             text = self.tokenizer.decode(record.token_ids, skip_special_tokens=True)

@@ -16,7 +16,9 @@ class CostAccount:
                      including the final full head, heads below j needed by contrastive amateurs, and the
                      head a hidden-state scorer evaluates when the row exits
     kv_propagations: skipped (layer, token) pairs whose self-attention K/V were computed from the copied state
-    flops:           estimated FLOPs of the decoding passes (layers + K/V propagation + heads)
+    flops:           estimated FLOPs of the decoding passes (layers + K/V propagation + heads + exit adapters)
+    adapter_flops:   the exit adapters' part of ``flops``: one application of each adapted layer's map whose
+                     head a token read (the consulted layers, and the layers their scorer reads)
     full_flops:      the same estimate for the full model (L layers and a full head for every token)
     prefill_flops:   prompt work that early exit does not change (T5: encoder + cross-attention K/V;
                      decoder-only: the prompt positions before the last one)
@@ -29,6 +31,7 @@ class CostAccount:
     flops: float = 0.0
     full_flops: float = 0.0
     prefill_flops: float = 0.0
+    adapter_flops: float = 0.0
 
     @property
     def mean_layers(self) -> float:

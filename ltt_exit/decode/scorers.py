@@ -116,6 +116,11 @@ class ConfidenceScorer(ABC):
     def validate(self, num_layers: int, min_exit_layer: int) -> None:
         """Raise ValueError when the scorer cannot work with this decoder depth / min exit layer."""
 
+    def other_head_layers(self, layer: int) -> tuple[int, ...]:
+        """Layers besides ``layer`` whose exit heads ``score`` reads at consulted layer ``layer`` (through
+        ``view.logits_at``); the cost account charges their exit adapters."""
+        return ()
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
@@ -194,6 +199,9 @@ class WeightedContrastive(ConfidenceScorer):
     def amateur_for(self, layer: int) -> int:
         return layer // 2 if self.amateur_layer is None else self.amateur_layer
 
+    def other_head_layers(self, layer: int) -> tuple[int, ...]:
+        return (self.amateur_for(layer),)
+
     def score(self, view: ExitView) -> torch.Tensor:
         dtype = _compute_dtype(view.logits.dtype)
         log_p_expert = torch.log_softmax(view.logits.to(dtype), dim=-1)
@@ -218,6 +226,9 @@ class JSDContrastive(ConfidenceScorer):
 
     def params(self) -> dict[str, Any]:
         return {"alpha": self.alpha, "distance_discount": self.distance_discount}
+
+    def other_head_layers(self, layer: int) -> tuple[int, ...]:
+        return tuple(range(layer))  # every lower layer is a candidate amateur
 
     def choose_amateur(self, log_p_expert: torch.Tensor, log_p_candidates: torch.Tensor, layer: int) -> torch.Tensor:
         """log_p_expert (B, k); log_p_candidates (A, B, k) for layers 0..A-1 -> (B,) chosen layer index."""
@@ -389,6 +400,12 @@ class ExitClassifier(ConfidenceScorer):
                 "file with `ltt-fit-exits --exit-classifier` (or ExitAdapters.with_exit_classifier)."
             )
         return ExitClassifier(model)
+
+    def other_head_layers(self, layer: int) -> tuple[int, ...]:
+        # the previous-layer features read layer ℓ-1's head
+        if self.model is not None and _PREVIOUS_FEATURES.intersection(self.model.features):
+            return (layer - 1,)
+        return ()
 
     def validate(self, num_layers: int, min_exit_layer: int) -> None:
         if self.model is not None:

@@ -35,6 +35,10 @@ DEFAULT_GRID: tuple[float, ...] = (
 
 LOSS_KINDS = ("textual", "risk")
 
+#: version of the decoder's cost model (``ltt_exit.decode.outputs.CostAccount``) behind a table's cost
+#: columns; 2: ``flops`` includes the exit adapters. Tables record it and their cache key changes with it.
+COST_MODEL_VERSION = 2
+
 
 @dataclass(frozen=True)
 class SweepSpec:
@@ -88,6 +92,7 @@ def sweep_config_key(model_fingerprint: str, decoder_config: dict, dataset_finge
         "max_new_tokens": spec.max_new_tokens,
         "metric": spec.metric,
         "loss": spec.loss,
+        "cost_model": COST_MODEL_VERSION,  # the table's flops column follows the cost model
     }
     return "sha256:" + hashlib.sha256(_canonical(payload).encode()).hexdigest()
 
@@ -246,6 +251,7 @@ def table_metadata(decoder, calibration_set, spec: SweepSpec, *, key: str, model
         "loss": spec.loss,
         "max_new_tokens": spec.max_new_tokens,
         "num_layers": int(decoder.num_layers),
+        "cost_model": COST_MODEL_VERSION,
         "sweep": asdict(spec) | {"lambdas": list(spec.lambdas)},
         "world_size": world_size,
         **(extra or {}),
