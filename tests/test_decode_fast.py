@@ -254,3 +254,40 @@ def test_bad_settings():
         contrastive.generate(input_ids=ids, attention_mask=mask, threshold=0.5, max_new_tokens=2,
                              force_exit_layers=[[3, 3]])
     assert FastEarlyExitDecoder(model).config_dict() == EarlyExitDecoder(model).config_dict()
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-6L", "t5-untied-gated-6L"])
+@pytest.mark.parametrize("scorer,pruning", [
+    ("softmax-margin", ("decaying", {"k_max": 60, "k_min": 4})),
+    ("exit-classifier", ("decaying", {"k_max": 60, "k_min": 4})),
+    ("weighted-contrastive", ("fixed", {"k": 6})),
+])
+def test_matches_generic_decoder_with_exit_adapters(name, scorer, pruning):
+    """Exit adapters (and the classifier they can hold) on the fast path, captured into CUDA graphs on a
+    GPU: the same tokens, exits, confidences and cost accounts (adapter FLOPs included)."""
+    from ltt_exit.decode.adapters import ExitAdapters
+    from ltt_exit.decode.scorers import EXIT_FEATURES, LogisticExitModel
+
+    model = model_for(name)
+    generic = EarlyExitDecoder(model)
+    num_layers, width = generic.num_layers, generic.backend.hidden_size
+    adapters = ExitAdapters.identity("affine", num_layers=num_layers, hidden_size=width,
+                                     model_fingerprint="sha256:test")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer_map in adapters.maps.values():
+            for parameter in layer_map.parameters():
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    if scorer == "exit-classifier":
+        layers = list(range(2, num_layers))
+        adapters = adapters.with_exit_classifier(LogisticExitModel(
+            EXIT_FEATURES, layers, torch.full((len(layers), len(EXIT_FEATURES)), 0.3, dtype=torch.float64),
+            torch.linspace(-0.5, 0.5, len(layers), dtype=torch.float64)))
+    adapters = adapters.to(DEVICE)
+    generic, fast = both(model, scorer=scorer, pruning=pruning, min_exit_layer=2, tau=0.7, exit_adapters=adapters)
+    ids, mask = prompts_for(generic, 3, seed=6)
+    kwargs = dict(input_ids=ids, attention_mask=mask, threshold=[0.3, 0.7, 0.95], max_new_tokens=8, eos_token_id=[])
+    expected = generic.generate(**kwargs)
+    assert_same(expected, fast.generate(**kwargs))
+    assert any(layer < num_layers for s in expected for layer in s.exit_layers[1:])
+    assert all(s.cost.adapter_flops > 0 for s in expected)
