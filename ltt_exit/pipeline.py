@@ -92,6 +92,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             "cores 8 prompts together sweep 2.4× faster than one at a time); changes "
                             "speed and float rounding, not the table's meaning")
     model.add_argument("--device", default=None, help="cpu, cuda, … (default: CUDA when present)")
+    model.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch CPU threads for the sweep (default: torch's choice, one per core); on a "
+                            "machine where other work keeps a core busy, 1 can be several times faster")
     model.add_argument("--dtype", default=None, help="float32, bfloat16, … (default: the model's)")
     model.add_argument("--table-out", default=None, metavar="PATH",
                        help="also keep the swept loss table here (it is always cached)")
@@ -116,6 +119,8 @@ def loss_table_from_model(args: argparse.Namespace):
         raise ValueError(f"--size must be at least 1, got {args.size}")
     if args.batch_prompts is not None and args.batch_prompts < 1:
         raise ValueError(f"--batch-prompts must be at least 1, got {args.batch_prompts}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     spec_check = SweepSpec(lambdas=args.grid, max_new_tokens=args.max_new_tokens or 1, loss=args.loss)
@@ -137,6 +142,10 @@ def loss_table_from_model(args: argparse.Namespace):
             torch.cuda.set_device(local_rank)
         if rank != 0:
             args.quiet = True
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     _log(args, f"loading model {args.model!r} …")
     loaded = load_model(args.model, device=device, dtype=args.dtype,
                         cache_dir=args.cache_dir)

@@ -65,7 +65,7 @@ def test_calibrate_generate_round_trip_and_refusals(workspace):
     assert cert["n"] == 40 and cert["lambdas"] == [1.0, 0.9, 0.6, 0.3, 0.0]
 
     # same configuration again: the cached loss table is reused, no decoding
-    second = _calibrate(root, "cert2.json")
+    second = _calibrate(root, "cert2.json", "--threads", "1")  # threads change speed, not the cached table
     assert second.returncode == 0, second.stderr
     assert "reusing the loss table" in second.stderr and "sweeping" not in second.stderr
     assert json.loads((root / "cert2.json").read_text())["lambda_hat"] == cert["lambda_hat"]
@@ -131,6 +131,9 @@ def test_calibrate_bad_arguments(workspace):
     bad_layer = _calibrate(root, "y.json", "--min-exit-layer", "9")
     assert bad_layer.returncode == 2 and "min_exit_layer" in bad_layer.stderr
     assert not (root / "y.json").exists()
+    bad_threads = _calibrate(root, "t.json", "--threads", "0")
+    assert bad_threads.returncode == 2 and "--threads must be at least 1" in bad_threads.stderr
+    assert not (root / "t.json").exists()
     bad_batch = _calibrate(root, "z.json", "--batch-prompts", "0")
     assert bad_batch.returncode == 2 and "--batch-prompts must be at least 1" in bad_batch.stderr
     assert not (root / "z.json").exists()
