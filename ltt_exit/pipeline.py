@@ -26,10 +26,10 @@ DEFAULTS = {
     "loss": "textual",
 }
 
-# prompts decoded together in the sweep, (CPU, CUDA): batching turns the per-token matrix-vector
+# prompts decoded together in the sweep, by device type: batching turns the per-token matrix-vector
 # products into matrix products; on two CPU cores 8 prompts (about 100 rows once the candidates
 # split) sweep 2.4× faster per prompt than 1, and 16 is no faster than 8 (docs/benchmarks.md)
-DEFAULT_BATCH_PROMPTS = (8, 16)
+DEFAULT_BATCH_PROMPTS = {"cpu": 8, "cuda": 16}
 
 
 def _grid(text: str) -> tuple[float, ...]:
@@ -115,14 +115,10 @@ def loss_table_from_model(args: argparse.Namespace):
     from ltt_exit.models.gguf_cache import default_cache_dir
     from ltt_exit.recipes import load_recipe
 
-    if args.size is not None and args.size < 1:
-        raise ValueError(f"--size must be at least 1, got {args.size}")
-    if args.batch_prompts is not None and args.batch_prompts < 1:
-        raise ValueError(f"--batch-prompts must be at least 1, got {args.batch_prompts}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    for option in ("size", "batch_prompts", "threads", "max_new_tokens"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
     spec_check = SweepSpec(lambdas=args.grid, max_new_tokens=args.max_new_tokens or 1, loss=args.loss)
     recipe = load_recipe(args.recipe)
     started = time.perf_counter()
@@ -167,7 +163,8 @@ def loss_table_from_model(args: argparse.Namespace):
                                scorer=(args.scorer, args.scorer_params),
                                pruning=(args.pruning, args.pruning_params),
                                min_exit_layer=args.min_exit_layer, tau=args.tau, exit_adapters=adapters)
-    batch_prompts = args.batch_prompts or DEFAULT_BATCH_PROMPTS[decoder.backend.device.type == "cuda"]
+    device_type = decoder.backend.device.type
+    batch_prompts = args.batch_prompts or DEFAULT_BATCH_PROMPTS.get(device_type, DEFAULT_BATCH_PROMPTS["cpu"])
     spec = SweepSpec(lambdas=spec_check.lambdas, max_new_tokens=args.max_new_tokens or calibration_set.max_new_tokens,
                      metric=calibration_set.metric, loss=args.loss, prompts_per_batch=batch_prompts)
     key = sweep_config_key(loaded.fingerprint, decoder.config_dict(), calibration_set.fingerprint, spec)
@@ -236,7 +233,6 @@ def smallest_certifying_n(pvalue: str, delta: float, epsilon: float, limit: int 
 
 def describe_outcome(table, certificate, info) -> str:
     """Mean layers and estimated speed-up at the certified λ, and what n means for the guarantee."""
-
     num_layers = int(table.metadata.get("num_layers", 0)) or None
     lines = []
     cols = table.candidate_columns

@@ -33,6 +33,8 @@ from ltt_exit.decode.tiny_models import tiny_llama, tiny_t5, tiny_word_tokenizer
 from ltt_exit.models import LoadedModel, model_fingerprint
 from ltt_exit.recipes import load_recipe
 
+from adapter_helpers import random_adapters
+
 VOCAB = 128
 
 
@@ -63,20 +65,6 @@ def loaded_of(model):
     family = "t5" if model.config.model_type == "t5" else "decoder-only"
     return LoadedModel(model=model, tokenizer=tok, family=family, name="tiny", source="test",
                        fingerprint=model_fingerprint(model, tok))
-
-
-def random_adapters(model, kind="affine", scale=0.5, seed=0, layers=None):
-    """Adapters far from the identity (so that they change exits), for hook tests."""
-    backend = backend_for(model)
-    adapters = ExitAdapters.identity(kind, num_layers=backend.num_layers, hidden_size=backend.hidden_size,
-                                     model_fingerprint="sha256:test", layers=layers)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer_map in adapters.maps.values():
-            for tensor in layer_map.parameters():
-                tensor.add_(scale * torch.randn(tensor.shape, generator=generator))
-    adapters._fingerprint = None
-    return adapters
 
 
 def assert_same_sequences(a, b):

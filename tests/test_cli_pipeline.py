@@ -125,18 +125,16 @@ def test_certified_decoder_refuses_another_configuration_and_budget(workspace):
 
 def test_calibrate_bad_arguments(workspace):
     root = workspace
-    bad_grid = _calibrate(root, "x.json", "--grid", "0.5,0.9")
-    assert bad_grid.returncode == 2 and "strictly decreasing" in bad_grid.stderr
-    assert not (root / "x.json").exists()
-    bad_layer = _calibrate(root, "y.json", "--min-exit-layer", "9")
-    assert bad_layer.returncode == 2 and "min_exit_layer" in bad_layer.stderr
-    assert not (root / "y.json").exists()
-    bad_threads = _calibrate(root, "t.json", "--threads", "0")
-    assert bad_threads.returncode == 2 and "--threads must be at least 1" in bad_threads.stderr
-    assert not (root / "t.json").exists()
-    bad_batch = _calibrate(root, "z.json", "--batch-prompts", "0")
-    assert bad_batch.returncode == 2 and "--batch-prompts must be at least 1" in bad_batch.stderr
-    assert not (root / "z.json").exists()
+    cases = [  # (output name, bad option and value, what the message must say)
+        ("x.json", ["--grid", "0.5,0.9"], "strictly decreasing"),
+        ("y.json", ["--min-exit-layer", "9"], "min_exit_layer"),
+        ("t.json", ["--threads", "0"], "--threads must be at least 1"),
+        ("z.json", ["--batch-prompts", "0"], "--batch-prompts must be at least 1"),
+    ]
+    for out, option, message in cases:
+        bad = _calibrate(root, out, *option)
+        assert bad.returncode == 2 and message in bad.stderr, option
+        assert not (root / out).exists()
     no_prompts = _run("ltt_exit.cli.generate", "--certificate", "missing.json", cwd=root, stdin="")
     assert no_prompts.returncode == 2 and "no prompts" in no_prompts.stderr
 

@@ -265,19 +265,13 @@ def test_bad_settings():
 def test_matches_generic_decoder_with_exit_adapters(name, scorer, pruning):
     """Exit adapters (and the classifier they can hold) on the fast path, captured into CUDA graphs on a
     GPU: the same tokens, exits, confidences and cost accounts (adapter FLOPs included)."""
-    from ltt_exit.decode.adapters import ExitAdapters
+    from adapter_helpers import random_adapters
+
     from ltt_exit.decode.scorers import EXIT_FEATURES, LogisticExitModel
 
     model = model_for(name)
-    generic = EarlyExitDecoder(model)
-    num_layers, width = generic.num_layers, generic.backend.hidden_size
-    adapters = ExitAdapters.identity("affine", num_layers=num_layers, hidden_size=width,
-                                     model_fingerprint="sha256:test")
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer_map in adapters.maps.values():
-            for parameter in layer_map.parameters():
-                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    num_layers = EarlyExitDecoder(model).num_layers
+    adapters = random_adapters(model, "affine", scale=0.3, seed=5)
     if scorer == "exit-classifier":
         layers = list(range(2, num_layers))
         adapters = adapters.with_exit_classifier(LogisticExitModel(

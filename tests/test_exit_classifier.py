@@ -22,6 +22,8 @@ from ltt_exit.decode.backends import backend_for
 from ltt_exit.decode.scorers import EXIT_FEATURES, ExitClassifier, ExitView, LogisticExitModel, exit_features
 from ltt_exit.decode.tiny_models import tiny_llama, tiny_word_tokenizer
 
+from adapter_helpers import random_adapters
+
 VOCAB = 96
 LAYERS = 4
 
@@ -37,15 +39,7 @@ def model_and_tokenizer(seed=0):
 
 
 def random_affine(model, seed=0, scale=0.3):
-    backend = backend_for(model)
-    adapters = ExitAdapters.identity("affine", num_layers=LAYERS, hidden_size=backend.hidden_size,
-                                     model_fingerprint="sha256:test")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer_map in adapters.maps.values():
-            layer_map.weight.add_(scale * torch.randn(layer_map.weight.shape, generator=generator))
-            layer_map.bias.add_(scale * torch.randn(layer_map.bias.shape, generator=generator))
-    return adapters
+    return random_adapters(model, "affine", scale=scale, seed=seed)
 
 
 def random_classifier(layers, seed=0, features=EXIT_FEATURES):

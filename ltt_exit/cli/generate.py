@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         if not prompts:
             raise ValueError("no prompts given (arguments, --file or standard input)")
         certified = CertifiedDecoder(args.certificate, args.model, device=args.device,
-                                     exit_adapters=None if args.exit_adapters is None else str(args.exit_adapters))
+                                     exit_adapters=args.exit_adapters)
         outputs = certified.generate(prompts, formatted=args.raw)
     except (CertificateMismatch, CertificateError) as err:
         print(f"ltt-generate: refused: {err}", file=sys.stderr)

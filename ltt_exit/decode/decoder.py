@@ -516,8 +516,7 @@ class EarlyExitDecoder:
         """Confidence and prediction at consulted layer ``layer`` for every row; head rows are charged to
         the rows where ``consulting`` (B,) is true (other rows' results are ignored by the caller), except
         the head a scorer that does not read it needs only where a row exits (``exit_head_rows``)."""
-        # A scorer that does not read the head (hidden-cosine) only needs it for rows that exit.
-        head_always = self.scorer.needs_logits or not isinstance(self.pruning, NoPruning)
+        head_always = self._head_at_every_consult
         pruned = self.pruning.select(
             layer,
             min_exit_layer=self.min_exit_layer,
@@ -556,6 +555,12 @@ class EarlyExitDecoder:
             heads.count(exits, decision.exit_head_rows)
         return exits, decision.predicted, decision.confidence, decision.set_ids
 
+    @property
+    def _head_at_every_consult(self) -> bool:
+        """Whether every consulted layer evaluates the exit head: a scorer that does not read the head
+        (hidden-cosine) without pruning needs it only for rows that exit."""
+        return self.scorer.needs_logits or not isinstance(self.pruning, NoPruning)
+
     def _adapter_flops(self, exit_layer: int) -> float:
         """FLOPs of the exit adapters for one token that consulted layers j..min(exit_layer, L-1): each
         layer whose head the step read (the consulted layers and the layers their scorer reads, e.g. a
@@ -563,7 +568,7 @@ class EarlyExitDecoder:
         flops = getattr(self.exit_adapters, "flops", None)
         if flops is None:
             return 0.0
-        if self.scorer.needs_logits or not isinstance(self.pruning, NoPruning):
+        if self._head_at_every_consult:
             consulted = range(self.min_exit_layer, min(exit_layer, self.num_layers - 1) + 1)
         else:  # a scorer that does not read the head evaluates it only where the token exits
             consulted = range(exit_layer, exit_layer + 1) if exit_layer < self.num_layers else range(0)
@@ -575,10 +580,12 @@ class EarlyExitDecoder:
         cost = CostAccount(prefill_flops=backend.prefill_flops(prompt_length))
         kv = backend.kv_flops()
         full_head = backend.head_flops(backend.vocab_size)
-        consults = threshold < 1.0  # λ >= 1 never consults an exit head
+        # λ >= 1 never consults an exit head; the adapters' cost depends only on the exit layer
+        adapter_flops = {layer: self._adapter_flops(layer) for layer in set(record.exit_layers)} \
+            if threshold < 1.0 else {}
         for t, (layer, rows) in enumerate(zip(record.exit_layers, record.head_rows)):
-            if consults and not (backend.first_token_from_prompt and t == 0):
-                cost.adapter_flops += self._adapter_flops(layer)
+            if adapter_flops and not (backend.first_token_from_prompt and t == 0):
+                cost.adapter_flops += adapter_flops[layer]
             if backend.first_token_from_prompt:
                 context, source = prompt_length + t, 0  # token t comes from the pass of position P-1+t
             else:
