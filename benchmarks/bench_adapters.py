@@ -49,6 +49,9 @@ def parse_args():
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ltt-bench-adapters"))
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the model, fitting, sweeps and speed runs)")
+    parser.add_argument("--batch-prompts", type=int, default=None,
+                        help="prompts per sweep batch (default 1 on the CPU, 16 on CUDA)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine two threads were ~10x slower)")
     parser.add_argument("--fit-size", type=int, default=120, help="fitting prompts (test split)")
@@ -60,9 +63,13 @@ def parse_args():
     parser.add_argument("--ridge", type=float, default=0.1)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--distill-steps", type=int, default=1000,
+                        help="affine-distill: distillation steps that fine-tune the closed-form maps")
+    parser.add_argument("--train-tokens", type=int, default=16384,
+                        help="tokens kept (reservoir) for low-rank and affine-distill training")
     parser.add_argument("--speed-prompts", type=int, default=12)
     parser.add_argument("--kinds", default="raw,affine,low-rank",
-                        help="raw, affine, low-rank, affine+classifier (comma list)")
+                        help="raw, affine, low-rank, affine-distill, and X+classifier for an adapter kind X (comma list)")
     parser.add_argument("--pruning", default="decaying", help="exit-head pruning of every sweep: none, fixed:K, decaying")
     parser.add_argument("--classifier-size", type=int, default=120,
                         help="affine+classifier: test-split prompts for the classifier, after the adapters' own")
@@ -78,11 +85,15 @@ def fit_adapters(args, loaded, recipe, calibration, layers):
     """Both adapter kinds from one pass over the fitting prompts (or the files of an earlier run)."""
     from ltt_exit.decode.adapters import ExitAdapters, ExitFitData, check_disjoint, fitting_set
 
+    wanted = {k.split("+")[0] for k in args.kinds.split(",")} - {"raw"}
+    trained = bool(wanted & {"low-rank", "affine-distill"})
     settings = {"fit_size": args.fit_size, "fit_tokens": args.fit_tokens, "layers": layers, "ridge": args.ridge,
                 "rank": args.rank, "steps": args.steps, "model": loaded.fingerprint,
                 "exclude": calibration.fingerprint}
+    if "affine-distill" in wanted:  # (absent otherwise, so that earlier stamps still match)
+        settings |= {"distill_steps": args.distill_steps, "train_tokens": args.train_tokens}
     stamp = args.work_dir / "adapters.json"
-    paths = {"affine": args.work_dir / "affine.safetensors", "low-rank": args.work_dir / "low-rank.safetensors"}
+    paths = {kind: args.work_dir / f"{kind}.safetensors" for kind in sorted(wanted | {"affine"})}
     if stamp.exists() and json.loads(stamp.read_text())["settings"] == settings and all(p.exists() for p in paths.values()):
         log("reusing the adapter files of an earlier run with these settings")
         facts = json.loads(stamp.read_text())["facts"]
@@ -93,17 +104,28 @@ def fit_adapters(args, loaded, recipe, calibration, layers):
                                      tokenizer=loaded.tokenizer, exclude=calibration)
         log(f"collecting states: {len(examples)} test-split prompts x {args.fit_tokens} greedy tokens …")
         data = ExitFitData.collect(loaded, examples, info, max_new_tokens=args.fit_tokens, layers=layers,
-                                   max_train_tokens=16384, progress=True)
+                                   max_train_tokens=args.train_tokens if trained else 0, progress=True)
         adapters = {"affine": data.affine(ridge=args.ridge)}
-        log(f"  {data.info['n_tokens']} tokens in {data.collect_seconds:.0f}s; training low-rank …")
-        adapters["low-rank"] = data.low_rank(rank=args.rank, steps=args.steps, batch_size=64, learning_rate=3e-3,
-                                             vocabulary="sampled", log_every=100)
+        log(f"  {data.info['n_tokens']} tokens in {data.collect_seconds:.0f}s")
         facts = {"n_prompts": data.info["n_prompts"], "n_tokens": data.info["n_tokens"],
                  "collect_seconds": data.collect_seconds,
-                 "affine_fit_seconds": adapters["affine"].fit_info["method"]["fit_seconds"],
-                 "low_rank_train_seconds": adapters["low-rank"].fit_info["method"]["train_seconds"],
-                 "low_rank_loss": [adapters["low-rank"].fit_info["method"]["first_loss"],
-                                   adapters["low-rank"].fit_info["method"]["final_loss"]]}
+                 "affine_fit_seconds": adapters["affine"].fit_info["method"]["fit_seconds"]}
+        vocabulary = "full" if str(args.device).startswith("cuda") else "sampled"
+        if "affine-distill" in wanted:
+            log("  fine-tuning the affine maps (distillation) …")
+            adapters["affine-distill"] = data.affine(ridge=args.ridge, distill={
+                "steps": args.distill_steps, "batch_size": 256, "learning_rate": 1e-3, "vocabulary": vocabulary,
+                "log_every": max(1, args.distill_steps // 10)})
+            method = adapters["affine-distill"].fit_info["method"]["distill"]
+            facts |= {"affine_distill_seconds": method["train_seconds"],
+                      "affine_distill_loss": [method["first_loss"], method["final_loss"]]}
+        if "low-rank" in wanted:
+            log("  training low-rank …")
+            adapters["low-rank"] = data.low_rank(rank=args.rank, steps=args.steps, batch_size=64, learning_rate=3e-3,
+                                                 vocabulary=vocabulary, log_every=100)
+            facts |= {"low_rank_train_seconds": adapters["low-rank"].fit_info["method"]["train_seconds"],
+                      "low_rank_loss": [adapters["low-rank"].fit_info["method"]["first_loss"],
+                                        adapters["low-rank"].fit_info["method"]["final_loss"]]}
         for kind, path in paths.items():
             adapters[kind].save(path)
             facts[f"{kind}_file_bytes"] = path.stat().st_size
@@ -146,10 +168,10 @@ def agreement(args, loaded, eval_examples, adapters):
     with torch.inference_mode():
         for batch in collect_states(loaded.model, loaded.tokenizer, [e.prompt for e in eval_examples],
                                     max_new_tokens=args.fit_tokens, layers=layers):
-            target = torch.tensor(batch.tokens)
+            target = torch.tensor(batch.tokens, device=batch.final.device)
             tokens += len(target)
             for kind in kinds:
-                agree = torch.ones(L, len(target), dtype=torch.bool)  # layer L agrees by definition
+                agree = torch.ones(L, len(target), dtype=torch.bool, device=target.device)  # layer L agrees by definition
                 agree[: j - 1] = False  # not measured below j
                 set_ids = None
                 conf_rows, correct_rows = [], []
@@ -170,13 +192,13 @@ def agreement(args, loaded, eval_examples, adapters):
                     predicted = best if pruned.ids is None else pruned.ids.gather(-1, best[:, None])[:, 0]
                     correct_rows.append(predicted == target)
                     set_ids = pruned.ids
-                hits[kind] += agree.sum(dim=1).numpy()
+                hits[kind] += agree.sum(dim=1).cpu().numpy()
                 # first layer >= the minimum exit layer whose head agrees (L when none does)
                 first = agree[j - 1:].float().argmax(dim=0) + j
                 earliest[kind].extend(first.tolist())
                 # the decoder-only first token comes from the prefill (no exit decision): drop it
-                confidences[kind].append(torch.stack(conf_rows)[:, 1:].double().numpy())
-                correct[kind].append(torch.stack(correct_rows)[:, 1:].numpy())
+                confidences[kind].append(torch.stack(conf_rows)[:, 1:].double().cpu().numpy())
+                correct[kind].append(torch.stack(correct_rows)[:, 1:].cpu().numpy())
     seconds = time.perf_counter() - started
     tradeoff = {}
     for kind in kinds:
@@ -202,11 +224,11 @@ def pruning_spec(text: str):
     return text
 
 
-def fit_classifier(args, loaded, recipe, calibration, affine):
-    """The affine adapters plus an exit classifier fitted on further test-split prompts (or an earlier file)."""
+def fit_classifier(args, loaded, recipe, calibration, affine, base="affine"):
+    """Adapters ``base`` plus an exit classifier fitted on further test-split prompts (or an earlier file)."""
     from ltt_exit.decode.adapters import ExitAdapters, fit_exit_classifier, fitting_set
 
-    path = args.work_dir / f"affine+classifier-{args.pruning.replace(':', '')}.safetensors"
+    path = args.work_dir / f"{base}+classifier-{args.pruning.replace(':', '')}.safetensors"
     settings = {"adapters": affine.fingerprint, "size": args.classifier_size, "pruning": args.pruning,
                 "min_exit_layer": args.min_exit_layer, "tokens": args.fit_tokens}
     stamp = path.with_suffix(".json")
@@ -242,7 +264,8 @@ def sweep(args, loaded, calibration, name, adapters):
     scorer = "exit-classifier" if name.endswith("+classifier") else "softmax-margin"
     decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, scorer=scorer, pruning=pruning_spec(args.pruning),
                                min_exit_layer=args.min_exit_layer, exit_adapters=adapters)
-    spec = SweepSpec(max_new_tokens=args.tokens, metric=calibration.metric, loss="textual")
+    batch = args.batch_prompts or (16 if str(args.device).startswith("cuda") else 1)
+    spec = SweepSpec(max_new_tokens=args.tokens, metric=calibration.metric, loss="textual", prompts_per_batch=batch)
     key = sweep_config_key(loaded.fingerprint, decoder.config_dict(), calibration.fingerprint, spec)
     suffix = "" if args.pruning == "decaying" else "-" + args.pruning.replace(":", "")
     path = args.work_dir / f"sweep-{name}{suffix}.parquet"
@@ -340,7 +363,7 @@ def main() -> None:
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    loaded = load_model("smollm2-135m", device="cpu")
+    loaded = load_model("smollm2-135m", device=args.device)
     L = loaded.num_layers
     hidden_size = int(loaded.model.config.hidden_size)
     recipe = load_recipe("samsum")
@@ -360,10 +383,12 @@ def main() -> None:
     adapters, fit_facts = fit_adapters(args, loaded, recipe, calibration, layers)
     results["fit"] = fit_facts
     log(f"fit: {json.dumps(fit_facts)}")
-    if "affine+classifier" in kinds:
-        adapters["affine+classifier"] = fit_classifier(args, loaded, recipe, calibration, adapters["affine"])
-        adapters["affine+classifier"].check_disjoint(calibration)
-        results["fit"]["classifier"] = adapters["affine+classifier"].fit_info["exit_classifier"]
+    for kind in kinds:
+        if kind.endswith("+classifier"):
+            base = kind.split("+")[0]
+            adapters[kind] = fit_classifier(args, loaded, recipe, calibration, adapters[base], base)
+            adapters[kind].check_disjoint(calibration)
+            results["fit"][f"classifier {base}"] = adapters[kind].fit_info["exit_classifier"]
     if args.skip_agreement:
         run_steps(args, loaded, calibration, eval_examples, adapters, kinds, L, hidden_size, results, started)
         return

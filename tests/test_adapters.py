@@ -304,6 +304,44 @@ def test_distillation_lowers_the_kl_and_leaves_the_model_alone(vocabulary):
     assert adapters.fit_info["n_tokens"] == 96 and adapters.model_fingerprint == loaded.fingerprint
 
 
+def _mean_kl(model, reservoir, adapters):
+    """Mean over reservoir tokens and layers of KL(p_L || p_adapted), full vocabulary."""
+    backend = backend_for(model)
+    n = reservoir.size
+    with torch.no_grad():
+        teacher = torch.log_softmax(backend.head(reservoir.final[:n]), dim=-1)
+        kls = [(teacher.exp() * (teacher - torch.log_softmax(backend.head(adapters.apply(layer, reservoir.hidden[layer][:n])),
+                                                              dim=-1))).sum(-1).mean()
+               for layer in reservoir.layers]
+    return float(torch.stack(kls).mean())
+
+
+def test_distilled_affine_starts_from_the_ridge_maps_and_lowers_their_kl():
+    model = llama()
+    loaded = loaded_of(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = [type("E", (), {"id": str(i), "prompt": p, "fields": {}})() for i, p in enumerate(prompts(12, seed=5))]
+    data = ExitFitData.collect(loaded, examples, {"recipe": "t", "split": "s", "source": "x"}, max_new_tokens=8,
+                               layers=[1, 2, 3], max_train_tokens=96, teacher_top_k=8)
+    ridge = data.affine(ridge=0.1)
+    tuned = data.affine(ridge=0.1, distill={"steps": 80, "batch_size": 32, "learning_rate": 3e-3,
+                                            "vocabulary": "full"})
+    assert tuned.kind == "affine" and tuned.layers == ridge.layers
+    method = tuned.fit_info["method"]
+    assert method["name"] == "ridge+distill" and method["distill"]["start"] == "given"
+    # the closed form is where training starts: one step of a tiny learning rate barely moves it
+    nudged = data.affine(ridge=0.1, distill={"steps": 1, "learning_rate": 1e-9, "vocabulary": "full"})
+    for layer in ridge.layers:
+        torch.testing.assert_close(nudged.maps[layer].weight, ridge.maps[layer].weight, atol=1e-6, rtol=0)
+    assert _mean_kl(model, data.reservoir, tuned) < 0.9 * _mean_kl(model, data.reservoir, ridge)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for m in tuned.maps.values() for p in m.parameters())
+    no_reservoir = ExitFitData.collect(loaded, examples[:2], {"recipe": "t", "split": "s", "source": "x"},
+                                       max_new_tokens=2, layers=[1, 2, 3], max_train_tokens=0)
+    with pytest.raises(ValueError, match="reservoir"):
+        no_reservoir.affine(distill={"steps": 1})
+
+
 def test_adapter_flops_are_two_per_multiply_add():
     affine = ExitAdapters.identity("affine", num_layers=4, hidden_size=8, model_fingerprint="m", layers=[2])
     low_rank = ExitAdapters.identity("low-rank", num_layers=4, hidden_size=8, model_fingerprint="m", rank=3)
@@ -522,6 +560,16 @@ def test_cli_help_teaches_and_the_cli_refuses_then_fits(tmp_path, capsys):
     assert adapters.fit_info["n_prompts"] == 6 and adapters.fit_info["excluded"][0]["n"] == 8
     calibration = load_recipe(str(recipe)).load(size=8, data_files=data)
     adapters.check_disjoint(calibration)
+    # --distill-steps: the closed form fine-tuned; only with --kind affine
+    named = ["--calibration-size", "8", "--calibration-data-files", str(data), "--layers", "2-3"]
+    tuned = tmp_path / "tuned.safetensors"
+    assert main(common + named + ["--out", str(tuned), "--distill-steps", "3", "--batch-size", "8"]) == 0
+    capsys.readouterr()
+    method = ExitAdapters.load(tuned).fit_info["method"]
+    assert method["name"] == "ridge+distill" and method["distill"]["steps"] == 3
+    bad = tmp_path / "bad.safetensors"
+    assert main(common + named + ["--out", str(bad), "--distill-steps", "3", "--kind", "low-rank"]) == 2
+    assert "--distill-steps" in capsys.readouterr().err and not bad.exists()
 
 
 @pytest.mark.parametrize("scorer, extra_layers", [

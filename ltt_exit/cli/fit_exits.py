@@ -23,6 +23,7 @@ Two kinds:
             towards the identity, from statistics accumulated prompt by prompt (memory O(L d^2))
   low-rank  h + U D h + c per layer (rank r), trained for a few hundred steps to match the final
             layer's next-token distribution (KL distillation; a GPU when the model is on one)
+  affine with --distill-steps N: the closed form, then fine-tuned with that distillation loss
 
 Optionally (--exit-classifier) also an exit classifier for the scorer "exit-classifier" (CALM's learned
 confidence): a logistic model of "layer l's prediction equals the full model's token" on features of the
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--target", choices=["final", "final-normalized"], default="final",
                      help="affine: regress the pre-norm final state (default) or the final state divided by its "
                           "RMS (every token weighs the same)")
+    fit.add_argument("--distill-steps", type=int, default=0,
+                     help="affine: then fine-tune the closed-form maps for this many distillation steps (the "
+                          "low-rank options below: --batch-size, --learning-rate, --vocabulary, --max-train-tokens); "
+                          "default 0, the closed form alone")
     fit.add_argument("--rank", type=int, default=32, help="low-rank: rank r (default 32)")
     fit.add_argument("--steps", type=int, default=300, help="low-rank: training steps (default 300)")
     fit.add_argument("--batch-size", type=int, default=64, help="low-rank: tokens per step (default 64)")
@@ -229,15 +234,24 @@ def run(args) -> dict:
                                      exclude=exclude)
         _log(args, f"fitting prompts: {len(examples)} of split {info['split']!r} ({info['source']}); "
                    f"{max_new_tokens} greedy tokens each; layers {layers[0]}..{layers[-1]}")
-        keep_tokens = args.max_train_tokens if args.kind == "low-rank" else 0
+        if args.distill_steps < 0 or (args.distill_steps and args.kind != "affine"):
+            raise ValueError(f"--distill-steps takes a count >= 0 and goes with --kind affine; got "
+                             f"{args.distill_steps} with --kind {args.kind}")
+        trains = args.kind == "low-rank" or args.distill_steps > 0
+        keep_tokens = args.max_train_tokens if trains else 0
         data = ExitFitData.collect(loaded, examples, info, max_new_tokens=max_new_tokens, layers=layers,
                                    max_train_tokens=keep_tokens, target=args.target, seed=args.seed,
                                    progress=not args.quiet)
         _log(args, f"collected {data.info['n_tokens']} token positions in {data.collect_seconds:.1f}s")
+        vocabulary = args.vocabulary or ("full" if loaded.device.type == "cuda" else "sampled")
         if args.kind == "affine":
-            adapters = data.affine(ridge=args.ridge)
+            distill = None
+            if args.distill_steps:
+                distill = {"steps": args.distill_steps, "batch_size": args.batch_size,
+                           "learning_rate": args.learning_rate, "vocabulary": vocabulary, "seed": args.seed,
+                           "log_every": 0 if args.quiet else max(1, args.distill_steps // 10)}
+            adapters = data.affine(ridge=args.ridge, distill=distill)
         else:
-            vocabulary = args.vocabulary or ("full" if loaded.device.type == "cuda" else "sampled")
             adapters = data.low_rank(rank=args.rank, steps=args.steps, batch_size=args.batch_size,
                                      learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                                      vocabulary=vocabulary, seed=args.seed,

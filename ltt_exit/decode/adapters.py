@@ -853,9 +853,19 @@ class RidgeStatistics:
             return final
         return final / final.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
 
+    def _to(self, device: torch.device) -> None:
+        """Keep the sums where the states are (a GPU makes the per-prompt d × d products cheap)."""
+        if self.mean_y.device == device:
+            return
+        self.mean_y = self.mean_y.to(device)
+        for sums in (self.mean_x, self.cxx, self.cxy):
+            for layer in self.layers:
+                sums[layer] = sums[layer].to(device)
+
     def update(self, batch: StateBatch) -> None:
-        """Add the tokens of one :class:`StateBatch`."""
-        y = self._target(batch.final.double().cpu())
+        """Add the tokens of one :class:`StateBatch` (on the batch's device; float64)."""
+        self._to(batch.final.device)
+        y = self._target(batch.final.double())
         m = y.shape[0]
         if m == 0:
             return
@@ -865,7 +875,7 @@ class RidgeStatistics:
         delta_y = mean_y_batch - self.mean_y
         yc = y - mean_y_batch
         for layer in self.layers:
-            x = batch.hidden[layer].double().cpu()
+            x = batch.hidden[layer].double().to(y.device)
             mean_x_batch = x.mean(dim=0)
             xc = x - mean_x_batch
             delta_x = mean_x_batch - self.mean_x[layer]
@@ -889,7 +899,7 @@ class RidgeStatistics:
         if self.count < 2:
             raise ValueError(f"the ridge fit needs at least 2 tokens, got {self.count}")
         d = self.hidden_size
-        eye = torch.eye(d, dtype=torch.float64)
+        eye = torch.eye(d, dtype=torch.float64, device=self.mean_y.device)
         maps = {}
         for layer in self.layers:
             cxx, cxy = self.cxx[layer], self.cxy[layer]
@@ -901,6 +911,7 @@ class RidgeStatistics:
             weight_t = torch.linalg.solve(cxx + alpha * eye, cxy + alpha * s * eye)
             weight = weight_t.T
             bias = self.mean_y - weight @ self.mean_x[layer]
+            weight, bias = weight.cpu(), bias.cpu()
             layer_map = AffineMap(d)
             with torch.no_grad():
                 layer_map.weight.copy_(weight.float())
@@ -993,7 +1004,8 @@ def train_low_rank(
     negatives: int = 1024,
     seed: int = 0,
     log_every: int = 0,
-) -> tuple[dict[int, LowRankMap], dict[str, Any]]:
+    start: dict[int, LayerMap] | None = None,
+) -> tuple[dict[int, LayerMap], dict[str, Any]]:
     """Train one low-rank map per layer of ``reservoir`` with a distillation loss; backbone and head frozen.
 
     Loss per token and layer: KL(p_L ‖ p_ℓ), with p_L = softmax(head(h_L)) the full model's distribution
@@ -1009,7 +1021,11 @@ def train_low_rank(
                 uniformly drawn ids. The set holds nearly all of the teacher's mass, and the random ids keep
                 the student from raising tokens the teacher never ranks; it costs a few percent of "full",
                 which is what makes CPU training practical.
-    Returns ({layer: LowRankMap on the CPU}, training facts for the file's provenance).
+    start:      {layer: map} to train instead of fresh identity-initialised low-rank maps (copies are
+                trained; ``rank`` is then ignored). With the ridge solution as the start this fine-tunes the
+                closed-form maps on the head's own objective (as the "tuned lens" does); ``weight_decay``
+                then pulls every parameter towards 0, not towards the start, so leave it at 0 there.
+    Returns ({layer: map on the CPU}, training facts for the file's provenance).
     """
     from .backends import backend_for
 
@@ -1029,7 +1045,12 @@ def train_low_rank(
     layers = reservoir.layers
     d = reservoir.final.shape[1]
     vocab = backend.vocab_size
-    maps = {layer: LowRankMap(d, rank, seed=seed + layer).to(device) for layer in layers}
+    if start is None:
+        maps = {layer: LowRankMap(d, rank, seed=seed + layer).to(device) for layer in layers}
+    else:
+        if sorted(start) != sorted(layers):
+            raise ValueError(f"start maps cover layers {sorted(start)}, the reservoir layers {sorted(layers)}")
+        maps = {layer: copy.deepcopy(start[layer]).float().to(device).requires_grad_(True) for layer in layers}
     optimizer = torch.optim.AdamW([p for m in maps.values() for p in m.parameters()], lr=learning_rate,
                                   weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -1063,7 +1084,8 @@ def train_low_rank(
                 print(f"  step {step + 1}/{steps}: mean KL per layer {np.mean(losses[-log_every:]):.4f}", flush=True)
     facts = {
         "name": "distill",
-        "rank": rank,
+        "start": "identity" if start is None else "given",
+        "rank": rank if start is None else None,
         "steps": steps,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
@@ -1079,7 +1101,7 @@ def train_low_rank(
         "device": str(device),
         "train_seconds": time.perf_counter() - started,
     }
-    return {layer: m.cpu() for layer, m in maps.items()}, facts
+    return {layer: m.cpu().requires_grad_(False) for layer, m in maps.items()}, facts
 
 
 # ------------------------------------------------------------------------------ fitting sets
@@ -1257,12 +1279,22 @@ class ExitFitData:
             example_hashes=self.hashes,
         )
 
-    def affine(self, ridge: float = 0.1) -> ExitAdapters:
-        """Closed-form affine adapters (ridge towards the scaled identity; see RidgeStatistics.solve)."""
+    def affine(self, ridge: float = 0.1, distill: dict[str, Any] | None = None) -> ExitAdapters:
+        """Closed-form affine adapters (ridge towards the scaled identity; see RidgeStatistics.solve).
+
+        distill: options of :func:`train_low_rank` (steps, learning_rate, vocabulary, ...) to fine-tune the
+        closed-form maps with the distillation loss afterwards (needs the token reservoir); None keeps the
+        closed form."""
         started = time.perf_counter()
         maps = self.statistics.solve(ridge)
         method = {"name": "ridge", "ridge": ridge, "target": self.statistics.target,
                   "fit_seconds": round(time.perf_counter() - started, 3)}
+        if distill is not None:
+            if self.reservoir is None:
+                raise ValueError("no token reservoir was kept (max_train_tokens=0): cannot distil the affine maps")
+            maps, facts = train_low_rank(self.loaded.model, self.reservoir, start=maps, **distill)
+            facts["train_seconds"] = round(facts["train_seconds"], 3)
+            method = method | {"name": "ridge+distill", "distill": facts}
         return self._adapters(maps, method)
 
     def low_rank(self, **train_options: Any) -> ExitAdapters:
