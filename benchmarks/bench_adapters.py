@@ -65,6 +65,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--distill-steps", type=int, default=1000,
                         help="affine-distill: distillation steps that fine-tune the closed-form maps")
+    parser.add_argument("--distill-lr", type=float, default=1e-5,
+                        help="affine-distill: Adam learning rate (the maps' weights are O(1/sqrt(d)); 1e-3 diverged)")
     parser.add_argument("--train-tokens", type=int, default=16384,
                         help="tokens kept (reservoir) for low-rank and affine-distill training")
     parser.add_argument("--speed-prompts", type=int, default=12)
@@ -91,7 +93,8 @@ def fit_adapters(args, loaded, recipe, calibration, layers):
                 "rank": args.rank, "steps": args.steps, "model": loaded.fingerprint,
                 "exclude": calibration.fingerprint}
     if "affine-distill" in wanted:  # (absent otherwise, so that earlier stamps still match)
-        settings |= {"distill_steps": args.distill_steps, "train_tokens": args.train_tokens}
+        settings |= {"distill_steps": args.distill_steps, "train_tokens": args.train_tokens,
+                     "distill_lr": args.distill_lr}
     stamp = args.work_dir / "adapters.json"
     paths = {kind: args.work_dir / f"{kind}.safetensors" for kind in sorted(wanted | {"affine"})}
     if stamp.exists() and json.loads(stamp.read_text())["settings"] == settings and all(p.exists() for p in paths.values()):
@@ -114,7 +117,7 @@ def fit_adapters(args, loaded, recipe, calibration, layers):
         if "affine-distill" in wanted:
             log("  fine-tuning the affine maps (distillation) …")
             adapters["affine-distill"] = data.affine(ridge=args.ridge, distill={
-                "steps": args.distill_steps, "batch_size": 256, "learning_rate": 1e-3, "vocabulary": vocabulary,
+                "steps": args.distill_steps, "batch_size": 256, "learning_rate": args.distill_lr, "vocabulary": vocabulary,
                 "log_every": max(1, args.distill_steps // 10)})
             method = adapters["affine-distill"].fit_info["method"]["distill"]
             facts |= {"affine_distill_seconds": method["train_seconds"],
