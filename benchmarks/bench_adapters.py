@@ -90,8 +90,8 @@ def fit_adapters(args, loaded, recipe, calibration, layers):
     wanted = {k.split("+")[0] for k in args.kinds.split(",")} - {"raw"}
     trained = bool(wanted & {"low-rank", "affine-distill"})
     settings = {"fit_size": args.fit_size, "fit_tokens": args.fit_tokens, "layers": layers, "ridge": args.ridge,
-                "rank": args.rank, "steps": args.steps, "model": loaded.fingerprint,
-                "exclude": calibration.fingerprint}
+                "rank": args.rank, "steps": args.steps, "model": loaded.fingerprint}
+    # (the calibration sample is not in the stamp: check_disjoint below refuses adapters that saw any of it)
     if "affine-distill" in wanted:  # (absent otherwise, so that earlier stamps still match)
         settings |= {"distill_steps": args.distill_steps, "train_tokens": args.train_tokens,
                      "distill_lr": args.distill_lr}

@@ -475,6 +475,22 @@ def test_another_split_needs_no_exclusion_and_is_disjoint(tmp_path):
     check_disjoint(None, recipe.load(data_files=calibration_file))  # no adapters: nothing to check
 
 
+def test_the_fitting_pool_is_the_whole_split_not_the_recipes_sample_size(tmp_path):
+    rows = write_rows(tmp_path / "test.jsonl", [{"id": f"t{i}", "text": dialogue(i)} for i in range(12)])
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text(
+        "name: small\nsource: {kind: jsonl}\nsplit: validation\nfields: {id: id, text: text}\n"
+        "templates: {decoder-only: '{text}'}\nmetric: rouge-l\nmax_new_tokens: 4\nsample: {seed: 0, size: 4}\n",
+        encoding="utf-8")
+    recipe = load_recipe(str(recipe))
+    assert len(recipe.load(data_files=rows, split="test")) == 4  # the recipe's own sample size
+    assert len(recipe.load(data_files=rows, split="test", size="all")) == 12
+    pool, _ = fitting_set(recipe, size=None, split="test", data_files=rows)
+    assert len(pool) == 12  # every row, though the recipe samples 4
+    more, _ = fitting_set(recipe, size=9, split="test", data_files=rows)
+    assert len(more) == 9 and [e.id for e in more] == [e.id for e in pool[:9]]
+
+
 # ------------------------------------------------------------------------------ certificates
 
 

@@ -16,6 +16,7 @@ from ltt_exit.decode.adapters import (
     ExitAdapters,
     collect_states,
     exit_classifier_samples,
+    fit_exit_classifier,
     fit_logistic_exit_model,
 )
 from ltt_exit.decode.backends import backend_for
@@ -190,6 +191,10 @@ def test_fit_rejects_bad_input():
     x[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         fit_logistic_exit_model(x, y, layers=[1, 2], names=EXIT_FEATURES[:3])
+    model, tok = model_and_tokenizer()
+    with pytest.raises(ValueError, match="no prompts"):
+        fit_exit_classifier(type("L", (), {"model": model, "tokenizer": tok})(), random_affine(model), [], {},
+                            max_new_tokens=2, min_exit_layer=1)
 
 
 def test_samples_label_whether_the_pruned_prediction_is_the_full_models_token():

@@ -1148,7 +1148,7 @@ def fitting_set(
             "(exclude=<CalibrationSet>; ltt-fit-exits: --calibration-size N [--calibration-seed S] "
             "[--calibration-data-files FILE])."
         )
-    pool = recipe.load(size=None, seed=seed, split=fit_split, data_files=data_files, data_dir=data_dir,
+    pool = recipe.load(size="all", seed=seed, split=fit_split, data_files=data_files, data_dir=data_dir,
                        family=family, tokenizer=tokenizer)
     hashes = [ExampleHashes.of(c.examples, recipe=c.recipe, source=c.source) for c in excluded]
     keep = []
@@ -1480,6 +1480,8 @@ def fit_exit_classifier(
     layers = list(range(min_exit_layer - 1, backend.num_layers))
     started = time.perf_counter()
     xs, ys = [], []
+    if not examples:
+        raise ValueError("no prompts to fit the exit classifier on (an empty fitting set)")
     prompts = [example.prompt for example in examples]
     for index, batch in enumerate(collect_states(loaded.model, loaded.tokenizer, prompts,
                                                  max_new_tokens=max_new_tokens, layers=layers)):

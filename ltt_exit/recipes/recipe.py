@@ -436,7 +436,7 @@ class Recipe:
     def load(
         self,
         *,
-        size: int | None = None,
+        size: int | str | None = None,
         seed: int | None = None,
         data_files=None,
         data_dir: str | os.PathLike[str] | None = None,
@@ -446,8 +446,9 @@ class Recipe:
     ) -> CalibrationSet:
         """Read the data, drop unusable rows, sample deterministically and format the prompts.
 
-        ``size``/``seed``: override the recipe's sample (size None: the recipe's; the recipe's
-        None: all rows). A size larger than the usable rows warns and uses all of them.
+        ``size``/``seed``: override the recipe's sample (size None: the recipe's; "all" or the
+        recipe's None: all rows, in the seeded order). A size larger than the usable rows warns and
+        uses all of them.
         ``data_files``: local file(s) in the source's format instead of the package / hub data;
         ``data_dir``: a folder holding the recipe's ``local_file``. ``split`` overrides the
         recipe's split. ``family``: "t5" or "decoder-only"; with a ``tokenizer`` that has a chat
@@ -468,7 +469,7 @@ class Recipe:
         seed = self.sample_seed if seed is None else seed
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"{where}: seed must be a non-negative integer, got {seed!r}")
-        size = self.sample_size if size is None else size
+        size = self.sample_size if size is None else (None if size == "all" else size)
         _check_size(size, where)
         split = self.split if split is None else split
         files = self._resolve_files(data_files, data_dir)
