@@ -61,6 +61,11 @@ examples:
       --size 200 --max-new-tokens 32 --layers 10-29 --kind low-rank --rank 32 --steps 300 \\
       --out smollm2-samsum.lowrank.safetensors
 
+  # the closed form fine-tuned by distillation (keep the learning rate small; 1e-3 diverged on SmolLM2)
+  ltt-fit-exits --recipe samsum --data-files ../shared/data/samsum_test.jsonl --split test \
+      --size 500 --max-new-tokens 32 --layers 12-29 --kind affine --distill-steps 1500 \
+      --learning-rate 1e-4 --batch-size 256 --max-train-tokens 65536 --out smollm2-samsum.tuned.safetensors
+
   # add an exit classifier to existing adapters (decoder: decaying pruning, min exit layer 12)
   ltt-fit-exits --recipe samsum --data-files ../shared/data/samsum_test.jsonl --split test \
       --adapters smollm2-samsum.affine.safetensors --classifier-size 120 --max-new-tokens 32 \
