@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ltt_exit.cli._arguments import json_object
 from ltt_exit.sweep.run import DEFAULT_GRID, SweepSpec, sweep_config_key
 
@@ -231,6 +233,27 @@ def smallest_certifying_n(pvalue: str, delta: float, epsilon: float, limit: int 
     return int(ns[passing[0]]) if passing.size else None
 
 
+def _work_lines(table, j: int) -> list[str]:
+    """The cost account's FLOPs at candidate ``j`` against the full model's, and a note when early exit
+    does more work than it saves (exit heads and adapters cost more than the skipped layers)."""
+    cols, examples = table.candidate_columns, table.example_columns
+    if "flops" not in cols or "full_flops" not in examples:
+        return []
+    full = float(np.sum(examples["full_flops"]))
+    if not full > 0:
+        return []
+    ratio = float(np.sum(cols["flops"][:, j])) / full
+    lines = [f"  work at λ̂: {ratio:.2f}× the full model's FLOPs (decoder layers, exit heads and adapters counted)"]
+    if ratio > 1:
+        lines.append(
+            "  note: at this λ the exit heads cost more than the skipped layers save, so generation is likely "
+            "slower than the full model. --cost-column flops picks the certified λ with the least work (λ = 1 "
+            "when no early exit pays); cheaper exit heads (--pruning fixed --pruning-params '{\"k\": 100}', a "
+            "higher --min-exit-layer) lower the overhead."
+        )
+    return lines
+
+
 def describe_outcome(table, certificate, info) -> str:
     """Mean layers and estimated speed-up at the certified λ, and what n means for the guarantee."""
     num_layers = int(table.metadata.get("num_layers", 0)) or None
@@ -241,6 +264,7 @@ def describe_outcome(table, certificate, info) -> str:
         mean_layers = cols["layers_total"][:, j].sum() / max(cols["num_tokens"][:, j].sum(), 1)
         lines.append(f"  mean exit layer at λ̂: {mean_layers:.2f} of {num_layers} "
                      f"(estimated speed-up {num_layers / mean_layers:.2f}× in decoder layers)")
+        lines.extend(_work_lines(table, j))
     elif num_layers:
         lines.append(f"  no early exit: every token uses all {num_layers} layers")
     n = certificate.n

@@ -227,3 +227,32 @@ def test_console_entry_point_runs_as_a_process(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "--delta" in bad.stderr
+
+
+def _costed_table(head_flops: float) -> LossTable:
+    """3 candidates (λ 1, 0.9, 0.5) on 40 examples: 10 layers of 1 FLOP-unit each at λ = 1; early exit saves
+    layers but pays ``head_flops`` per token for the exit heads."""
+    n, tokens = 40, 5
+    layers = np.tile([10.0, 8.0, 6.0], (n, 1))
+    flops = layers * tokens + np.array([0.0, 1.0, 1.0]) * head_flops * tokens
+    return LossTable(np.zeros((n, 3)), np.array([1.0, 0.9, 0.5]), [f"e{i}" for i in range(n)], {"num_layers": 10},
+                     candidate_columns={"layers_total": layers * tokens, "num_tokens": np.full((n, 3), tokens),
+                                        "mean_layers": layers, "flops": flops},
+                     example_columns={"full_flops": np.full(n, 10.0 * tokens)})
+
+
+@pytest.mark.parametrize("head_flops, slower", [(1.0, False), (5.0, True)])
+def test_outcome_reports_the_work_at_lambda_hat_and_warns_when_early_exit_costs_more(head_flops, slower):
+    from ltt_exit.pipeline import describe_outcome
+
+    table = _costed_table(head_flops)
+    certificate = certify(table.losses, table.lambdas, 0.1, 0.05, costs=table.mean_per_candidate("mean_layers"))
+    assert certificate.lambda_hat == 0.5
+    text = describe_outcome(table, certificate, {})
+    ratio = (6.0 + head_flops) / 10.0
+    assert f"work at λ̂: {ratio:.2f}× the full model's FLOPs" in text
+    assert ("likely slower than the full model" in text) == slower
+    assert ("--cost-column flops" in text) == slower
+    # --cost-column flops: the certified λ with the least work, the full model when no exit pays
+    by_work = certify(table.losses, table.lambdas, 0.1, 0.05, costs=table.mean_per_candidate("flops"))
+    assert by_work.lambda_hat == (1.0 if slower else 0.5)
