@@ -522,6 +522,21 @@ def test_certified_decoder_loads_and_checks_the_adapter_file(tmp_path):
     assert certified.decoder.exit_adapters.fingerprint == adapters.fingerprint
     expected = decoder.generate(texts, threshold=certified.threshold, max_new_tokens=6)
     assert_same_sequences(certified.generate(texts, formatted=True), expected)
+    # the fast decoder under the same certificate: same configuration, same outputs
+    from ltt_exit.decode import FastEarlyExitDecoder
+
+    fast = CertifiedDecoder(certificate, loaded, fast=True)
+    assert isinstance(fast.decoder, FastEarlyExitDecoder) and not isinstance(certified.decoder, FastEarlyExitDecoder)
+    assert fast.decoder.config_dict() == certified.decoder.config_dict()
+    assert [q.token_ids for q in fast.generate(texts, formatted=True)] == [q.token_ids for q in expected]
+    # and where tokens do exit (a lower threshold than this certificate's, set on both); float32: the static
+    # cache's attention kernels round differently, so confidences agree to float32 precision, not bit for bit
+    fast.threshold = certified.threshold = 0.05
+    exiting = certified.generate(texts, formatted=True)
+    assert any(layer < decoder.num_layers for seq in exiting for layer in seq.exit_layers)
+    for x, y in zip(fast.generate(texts, formatted=True), exiting, strict=True):
+        assert x.token_ids == y.token_ids and x.exit_layers == y.exit_layers
+        assert x.confidences == pytest.approx(y.confidences, rel=1e-5, nan_ok=True)
     # a moved file is still the certified one
     moved = tmp_path / "moved.safetensors"
     file.rename(moved)

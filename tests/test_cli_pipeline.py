@@ -79,6 +79,12 @@ def test_calibrate_generate_round_trip_and_refusals(workspace):
     for row in rows:
         assert len(row["exit_layers"]) == len(row["token_ids"]) >= 1
         assert all(1 <= layer <= 4 for layer in row["exit_layers"])
+    # --fast: the fast decoder under the same certificate gives the same tokens and exits
+    fast = _run("ltt_exit.cli.generate", "--certificate", "cert.json", "--model", str(root / "model"),
+                "--device", "cpu", "--json", "--fast", "w5 w6 w7", "w9 w10", cwd=root)
+    assert fast.returncode == 0, fast.stderr
+    fast_rows = [json.loads(line) for line in fast.stdout.splitlines()]
+    assert [(r["token_ids"], r["exit_layers"]) for r in fast_rows] == [(r["token_ids"], r["exit_layers"]) for r in rows]
 
     # prompts from standard input
     piped = _run("ltt_exit.cli.generate", "--certificate", "cert.json", "--model", str(root / "model"),

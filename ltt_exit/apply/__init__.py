@@ -116,10 +116,15 @@ class CertifiedDecoder:
     exit_adapters: where the certified exit-adapter file is now (a path or a loaded ExitAdapters), when it
                  moved since certification; default: the path recorded in the certificate. Its fingerprint
                  must equal the certified one.
+    fast:        decode with :class:`~ltt_exit.decode.FastEarlyExitDecoder` (static buffers, CUDA graphs on
+                 a GPU, lagged host reads; docs/decoder.md) instead of the reference decoder the sweep
+                 calibrated with. Same exit rule and configuration, so the certificate applies; outputs
+                 are identical in float64 and the same tokens were seen in float32, but on a GPU in
+                 bfloat16 other kernels can flip a borderline exit decision now and then. Default False.
     """
 
     def __init__(self, certificate: Certificate | str | Path, model: Any = None, *, device=None,
-                 exit_adapters: Any = None):
+                 exit_adapters: Any = None, fast: bool = False):
         self.certificate = certificate if isinstance(certificate, Certificate) else Certificate.load(certificate)
         meta = self.certificate.metadata
         for key in ("model_fingerprint", "decoder", "max_new_tokens"):
@@ -152,12 +157,13 @@ class CertifiedDecoder:
                 f"this certificate was made for (fingerprint {meta['model_fingerprint']}){detail}. "
                 "Certify again for this model with ltt-calibrate."
             )
-        from ltt_exit.decode import EarlyExitDecoder
+        from ltt_exit.decode import EarlyExitDecoder, FastEarlyExitDecoder
 
         self.loaded = loaded
         adapters = certified_exit_adapters(meta["decoder"], exit_adapters, loaded.fingerprint)
-        self.decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, **decoder_settings(meta["decoder"]),
-                                        exit_adapters=adapters)
+        decoder_class = FastEarlyExitDecoder if fast else EarlyExitDecoder
+        self.decoder = decoder_class(loaded.model, loaded.tokenizer, **decoder_settings(meta["decoder"]),
+                                     exit_adapters=adapters)
         differences = config_differences(_comparable(meta["decoder"]), _comparable(self.decoder.config_dict()))
         if differences:
             raise CertificateMismatch(

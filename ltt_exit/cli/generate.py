@@ -25,6 +25,7 @@ examples:
   ltt-generate --certificate certificate.json "Continue the story: The river rose overnight."
   ltt-generate --certificate certificate.json --file prompts.txt --json > outputs.jsonl
   echo "Summarize: ..." | ltt-generate --certificate certificate.json --show-exits
+  ltt-generate --certificate certificate.json --device cuda --fast --file prompts.txt   # GPU, batch 1 latency
 """
 
 
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the path the certificate records; the file must have the certified "
                              "fingerprint)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: CUDA when present)")
+    parser.add_argument("--fast", action="store_true",
+                        help="the fast decoder (static buffers, CUDA graphs, lagged host reads; for a GPU at batch "
+                             "1): same exit rule and configuration as the reference decoder the sweep used; "
+                             "identical outputs in float64, but in bfloat16 on a GPU other kernels can flip a "
+                             "borderline exit now and then (docs/decoder.md)")
     parser.add_argument("--raw", action="store_true", help="send prompts as given, without the chat template")
     parser.add_argument("--show-exits", action="store_true", help="print each token with its exit layer")
     parser.add_argument("--json", action="store_true", help="one JSON object per prompt on standard output")
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
         if not prompts:
             raise ValueError("no prompts given (arguments, --file or standard input)")
         certified = CertifiedDecoder(args.certificate, args.model, device=args.device,
-                                     exit_adapters=args.exit_adapters)
+                                     exit_adapters=args.exit_adapters, fast=args.fast)
         outputs = certified.generate(prompts, formatted=args.raw)
     except (CertificateMismatch, CertificateError) as err:
         print(f"ltt-generate: refused: {err}", file=sys.stderr)
