@@ -79,6 +79,11 @@ def parse_args():
     return parser.parse_args()
 
 
+def collect_batch(args) -> int:
+    """Prompts per batch when collecting fitting states (the runs in docs/benchmarks.md used 1)."""
+    return args.batch_prompts or (16 if str(args.device).startswith("cuda") else 8)
+
+
 def log(message: str) -> None:
     print(message, flush=True)
 
@@ -107,7 +112,8 @@ def fit_adapters(args, loaded, recipe, calibration, layers):
                                      tokenizer=loaded.tokenizer, exclude=calibration)
         log(f"collecting states: {len(examples)} test-split prompts x {args.fit_tokens} greedy tokens …")
         data = ExitFitData.collect(loaded, examples, info, max_new_tokens=args.fit_tokens, layers=layers,
-                                   max_train_tokens=args.train_tokens if trained else 0, progress=True)
+                                   max_train_tokens=args.train_tokens if trained else 0, progress=True,
+                                   batch_size=collect_batch(args))
         adapters = {"affine": data.affine(ridge=args.ridge)}
         log(f"  {data.info['n_tokens']} tokens in {data.collect_seconds:.0f}s")
         facts = {"n_prompts": data.info["n_prompts"], "n_tokens": data.info["n_tokens"],
@@ -252,7 +258,8 @@ def fit_classifier(args, loaded, recipe, calibration, affine, base="affine"):
     started = time.perf_counter()
     adapters = fit_exit_classifier(loaded, affine, fresh, info | {"n_prompts": len(fresh)},
                                    max_new_tokens=args.fit_tokens, min_exit_layer=args.min_exit_layer,
-                                   pruning=pruning_spec(args.pruning), progress=True)
+                                   pruning=pruning_spec(args.pruning), progress=True,
+                                   batch_size=collect_batch(args))
     log(f"  {time.perf_counter() - started:.0f}s: {json.dumps(adapters.fit_info['exit_classifier']['method'])}")
     adapters.save(path)
     stamp.write_text(json.dumps(settings))

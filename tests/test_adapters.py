@@ -257,6 +257,28 @@ def test_collected_states_are_what_the_exit_heads_see(family):
     assert (batch.teacher_top[:, 0] == torch.tensor(batch.tokens)).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_batched_collection_equals_one_prompt_at_a_time(family):
+    model = (llama if family == "llama" else t5)(dtype=torch.float64)
+    tok = tokenizer_for(model)
+    texts = prompts(5, seed=21)  # of different lengths, so batches are padded
+    single = list(collect_states(model, tok, texts, max_new_tokens=6, eos_token_id=[]))
+    # an EOS that one prompt produces at its third token: that row stops there, the others go on
+    eos = single[1].tokens[2]
+    single = list(collect_states(model, tok, texts, max_new_tokens=6, eos_token_id=eos))
+    batched = list(collect_states(model, tok, texts, max_new_tokens=6, eos_token_id=eos, batch_size=3))
+    assert len(batched) == len(texts)
+    assert any(len(b.tokens) < 6 for b in single) and any(len(b.tokens) == 6 for b in single)
+    for one, many in zip(single, batched, strict=True):
+        assert many.tokens == one.tokens
+        torch.testing.assert_close(many.final, one.final, atol=1e-9, rtol=1e-9)
+        assert torch.equal(many.teacher_top, one.teacher_top)
+        for layer in one.hidden:
+            torch.testing.assert_close(many.hidden[layer], one.hidden[layer], atol=1e-9, rtol=1e-9)
+    with pytest.raises(ValueError, match="batch_size"):
+        next(collect_states(model, tok, texts, max_new_tokens=2, batch_size=0))
+
+
 def test_head_logits_on_a_shared_subset_equals_the_backend_head():
     for model in (llama(), t5(), tiny_t5(tied=False, num_layers=2)):
         backend = backend_for(model)
@@ -582,12 +604,22 @@ def test_cli_help_teaches_and_the_cli_refuses_then_fits(tmp_path, capsys):
     out = tmp_path / "a.safetensors"
     assert main(common + ["--out", str(out)]) == 3
     assert "refused" in capsys.readouterr().err and not out.exists()
+    assert main(common + ["--out", str(out), "--batch-prompts", "0"]) == 2
+    assert "--batch-prompts" in capsys.readouterr().err and not out.exists()
     code = main(common + ["--out", str(out), "--calibration-size", "8", "--calibration-data-files", str(data),
                           "--layers", "2-3"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     adapters = ExitAdapters.load(out)
     assert summary["fingerprint"] == adapters.fingerprint and adapters.layers == [2, 3]
+    assert summary["batch_prompts"] == 8  # the CPU default
+    # one prompt at a time: the same prompts, tokens and (up to rounding) the same maps
+    assert main(common + ["--out", str(tmp_path / "one.safetensors"), "--calibration-size", "8",
+                          "--calibration-data-files", str(data), "--layers", "2-3", "--batch-prompts", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_tokens"] == summary["n_tokens"]
+    one = ExitAdapters.load(tmp_path / "one.safetensors")
+    for layer in (2, 3):
+        torch.testing.assert_close(one.maps[layer].weight, adapters.maps[layer].weight, atol=1e-3, rtol=1e-3)
     assert adapters.fit_info["n_prompts"] == 6 and adapters.fit_info["excluded"][0]["n"] == 8
     calibration = load_recipe(str(recipe)).load(size=8, data_files=data)
     adapters.check_disjoint(calibration)

@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="L2 penalty on the standardised weights (default 1e-3)")
     clf.add_argument("--classifier-per-layer", action="store_true",
                      help="one weight vector per layer (default: shared weights, one intercept per layer)")
+    parser.add_argument("--batch-prompts", type=int, default=None, metavar="B",
+                        help="prompts decoded together while collecting states (default 8 on the CPU, 16 on CUDA; "
+                             "the states agree with one prompt at a time up to rounding)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; on a busy machine 1 can be much faster)")
     parser.add_argument("--quiet", action="store_true", help="print only the final summary")
@@ -213,9 +216,14 @@ def run(args) -> dict:
         if args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.batch_prompts is not None and args.batch_prompts < 1:
+        raise ValueError(f"--batch-prompts must be at least 1, got {args.batch_prompts}")
     recipe = load_recipe(args.recipe)
     started = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    from ltt_exit.pipeline import DEFAULT_BATCH_PROMPTS
+
+    batch_prompts = args.batch_prompts or DEFAULT_BATCH_PROMPTS.get(loaded.device.type, DEFAULT_BATCH_PROMPTS["cpu"])
     _log(args, f"model {args.model!r}: {loaded.num_layers} layers, fingerprint {loaded.fingerprint[:19]}…")
     layers = parse_layers(args.layers, loaded.num_layers)
     exclude = None
@@ -246,7 +254,7 @@ def run(args) -> dict:
         keep_tokens = args.max_train_tokens if trains else 0
         data = ExitFitData.collect(loaded, examples, info, max_new_tokens=max_new_tokens, layers=layers,
                                    max_train_tokens=keep_tokens, target=args.target, seed=args.seed,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, batch_size=batch_prompts)
         _log(args, f"collected {data.info['n_tokens']} token positions in {data.collect_seconds:.1f}s")
         vocabulary = args.vocabulary or ("full" if loaded.device.type == "cuda" else "sampled")
         if args.kind == "affine":
@@ -282,7 +290,8 @@ def run(args) -> dict:
         adapters = fit_exit_classifier(loaded, adapters, fresh, pool_info, max_new_tokens=max_new_tokens,
                                        min_exit_layer=args.min_exit_layer,
                                        pruning=(args.pruning, args.pruning_params), l2=args.classifier_l2,
-                                       per_layer=args.classifier_per_layer, progress=not args.quiet)
+                                       per_layer=args.classifier_per_layer, progress=not args.quiet,
+                                       batch_size=batch_prompts)
         record = adapters.fit_info["exit_classifier"]
         classifier_summary = {key: record[key] for key in ("n_prompts", "n_tokens", "min_exit_layer", "pruning",
                                                            "features")}
@@ -303,6 +312,7 @@ def run(args) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
         "device": str(loaded.device),
         "torch_threads": torch.get_num_threads(),
+        "batch_prompts": batch_prompts,
     }
     return summary
 

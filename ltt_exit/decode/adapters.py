@@ -739,15 +739,21 @@ def collect_states(
     layers: Sequence[int] | None = None,
     teacher_top_k: int = 64,
     eos_token_id: int | Sequence[int] | None = None,
+    batch_size: int = 1,
 ) -> Iterator[StateBatch]:
     """Greedy decoding of each prompt with the full model (the library's own forward, with its cache),
     recording at every generated position the states after the chosen layers, the pre-norm final state
     and the full model's top-``teacher_top_k`` ids. Yields one :class:`StateBatch` per prompt, in order;
-    nothing is kept between prompts.
+    nothing is kept between batches.
 
     The tokens are the full model's greedy output Y_full (plain arg-max, as the early-exit decoder at
     λ = 1); prompts are tokenized as the decoder tokenizes them (``add_special_tokens=True``); EOS ids
     default to the model's generation config.
+
+    batch_size: prompts decoded together (padded as the decoder pads them: left for decoder-only models,
+    the encoder's mask for T5). One forward serves the whole batch at every step, which on a GPU is most
+    of the collection time; states agree with one-prompt batches to rounding (padding changes the order
+    of some sums), and a row stops being recorded at its EOS.
     """
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
@@ -755,6 +761,8 @@ def collect_states(
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     backend = backend_for(model)
     model.eval()
     num_layers = backend.num_layers
@@ -767,51 +775,75 @@ def collect_states(
         eos = {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
     top_k = min(int(teacher_top_k), backend.vocab_size)
     device = backend.device
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = backend.pad_token_id() if pad is None else int(pad)
     capture = _PreNormCapture(_final_norm(backend))
     try:
-        for prompt in prompts:
-            prompt_ids = torch.tensor([list(tokenizer(str(prompt), add_special_tokens=True)["input_ids"])],
-                                      device=device)
+        for first in range(0, len(prompts), batch_size):
+            rows = [list(tokenizer(str(prompt), add_special_tokens=True)["input_ids"])
+                    for prompt in prompts[first:first + batch_size]]
+            if any(len(row) == 0 for row in rows):
+                raise ValueError("every prompt needs at least one token")
+            batch, width = len(rows), max(len(row) for row in rows)
+            ids = torch.full((batch, width), pad, dtype=torch.long)
+            mask = torch.zeros((batch, width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                span = slice(width - len(row), width) if backend.padding_side == "left" else slice(0, len(row))
+                ids[i, span] = torch.tensor(row, dtype=torch.long)
+                mask[i, span] = 1
+            ids, mask = ids.to(device), mask.to(device)
             if backend.family == "t5":
                 config = model.decoder.config
                 cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
-                encoder_outputs = model.encoder(input_ids=prompt_ids)
+                encoder_outputs = model.encoder(input_ids=ids, attention_mask=mask)
 
                 def step(token_ids):
-                    result = model(encoder_outputs=encoder_outputs, decoder_input_ids=token_ids, cache=cache,
-                                   use_cache=True, output_hidden_states=True)
+                    result = model(encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=token_ids,
+                                   cache=cache, use_cache=True, output_hidden_states=True)
                     return result.decoder_hidden_states, result.logits
 
-                inputs = torch.tensor([[backend.decoder_start_token_id()]], device=device)
+                inputs = torch.full((batch, 1), backend.decoder_start_token_id(), device=device)
             else:
                 cache = DynamicCache(config=model.config)
+                seen = mask
+                positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate() derives them
 
                 def step(token_ids):
-                    result = model(input_ids=token_ids, cache=cache, use_cache=True, output_hidden_states=True,
-                                   logits_to_keep=1)
+                    nonlocal seen, positions
+                    if token_ids.shape[1] == 1:  # a generated token: one more position for every row
+                        seen = torch.cat([seen, torch.ones_like(seen[:, :1])], dim=-1)
+                        positions = positions[:, -1:] + 1
+                    result = model(input_ids=token_ids, attention_mask=seen, position_ids=positions, cache=cache,
+                                   use_cache=True, output_hidden_states=True, logits_to_keep=1)
                     return result.hidden_states, result.logits
 
-                inputs = prompt_ids
-            hidden = {layer: [] for layer in layers}
-            finals, tops, tokens = [], [], []
+                inputs = ids
+            hidden = [{layer: [] for layer in layers} for _ in range(batch)]
+            finals, tops, tokens = ([[] for _ in range(batch)] for _ in range(3))
+            live = [True] * batch
             for t in range(max_new_tokens):
                 states, logits = step(inputs)
-                for layer in layers:
-                    hidden[layer].append(states[layer][0, -1].float())
-                finals.append(capture.value[0, -1].float())
-                scores = logits[0, -1].float()
-                tops.append(scores.topk(top_k).indices)
-                token = int(scores.argmax())
-                tokens.append(token)
-                if token in eos:
+                scores = logits[:, -1].float()
+                best = scores.argmax(dim=-1)
+                top = scores.topk(top_k, dim=-1).indices
+                for i in (i for i in range(batch) if live[i]):
+                    for layer in layers:
+                        hidden[i][layer].append(states[layer][i, -1].float())
+                    finals[i].append(capture.value[i, -1].float())
+                    tops[i].append(top[i])
+                    token = int(best[i])
+                    tokens[i].append(token)
+                    live[i] = token not in eos
+                if not any(live):
                     break
-                inputs = torch.tensor([[token]], device=device)
-            yield StateBatch(
-                hidden={layer: torch.stack(rows) for layer, rows in hidden.items()},
-                final=torch.stack(finals),
-                tokens=tokens,
-                teacher_top=torch.stack(tops),
-            )
+                inputs = best[:, None]  # finished rows keep decoding; nothing of theirs is recorded
+            for i in range(batch):
+                yield StateBatch(
+                    hidden={layer: torch.stack(values) for layer, values in hidden[i].items()},
+                    final=torch.stack(finals[i]),
+                    tokens=tokens[i],
+                    teacher_top=torch.stack(tops[i]),
+                )
     finally:
         capture.close()
 
@@ -1238,6 +1270,7 @@ class ExitFitData:
         teacher_top_k: int = 64,
         seed: int = 0,
         progress: bool = False,
+        batch_size: int = 1,
     ) -> "ExitFitData":
         """Decode every example (greedy, full model) and accumulate its states.
 
@@ -1245,6 +1278,7 @@ class ExitFitData:
         examples: recipe examples (``id``, ``prompt``, ``fields``), e.g. from :func:`fitting_set`
         info:     provenance for the file (recipe, split, source, ...; :func:`fitting_set` returns it)
         layers:   the layers to adapt (default 1..L-1); only layers >= the decoder's min_exit_layer matter
+        batch_size: prompts decoded together (see :func:`collect_states`)
         """
         num_layers = loaded.num_layers
         layers = list(range(1, num_layers)) if layers is None else [int(x) for x in layers]
@@ -1254,7 +1288,7 @@ class ExitFitData:
         tokens = 0
         prompts = [example.prompt for example in examples]
         states = collect_states(loaded.model, loaded.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                layers=layers, teacher_top_k=teacher_top_k)
+                                layers=layers, teacher_top_k=teacher_top_k, batch_size=batch_size)
         for index, batch in enumerate(states):
             data.statistics.update(batch)
             if data.reservoir is not None:
@@ -1462,6 +1496,7 @@ def fit_exit_classifier(
     l2: float = 1e-3,
     per_layer: bool = False,
     progress: bool = False,
+    batch_size: int = 1,
 ) -> ExitAdapters:
     """Fit an exit classifier for ``adapters`` and return a copy of them that holds it.
 
@@ -1483,7 +1518,7 @@ def fit_exit_classifier(
     if not examples:
         raise ValueError("no prompts to fit the exit classifier on (an empty fitting set)")
     prompts = [example.prompt for example in examples]
-    for index, batch in enumerate(collect_states(loaded.model, loaded.tokenizer, prompts,
+    for index, batch in enumerate(collect_states(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size,
                                                  max_new_tokens=max_new_tokens, layers=layers)):
         x, y = exit_classifier_samples(backend, batch, adapters, pruning=pruning, min_exit_layer=min_exit_layer,
                                        features=features)
