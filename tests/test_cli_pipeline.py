@@ -79,6 +79,7 @@ def test_calibrate_generate_round_trip_and_refusals(workspace):
     for row in rows:
         assert len(row["exit_layers"]) == len(row["token_ids"]) >= 1
         assert all(1 <= layer <= 4 for layer in row["exit_layers"])
+        assert row["flops_ratio"] > 0
     # --fast: the fast decoder under the same certificate gives the same tokens and exits
     fast = _run("ltt_exit.cli.generate", "--certificate", "cert.json", "--model", str(root / "model"),
                 "--device", "cpu", "--json", "--fast", "w5 w6 w7", "w9 w10", cwd=root)
@@ -90,7 +91,7 @@ def test_calibrate_generate_round_trip_and_refusals(workspace):
     piped = _run("ltt_exit.cli.generate", "--certificate", "cert.json", "--model", str(root / "model"),
                  "--device", "cpu", cwd=root, stdin="w3 w4\n")
     assert piped.returncode == 0, piped.stderr
-    assert "mean exit layer" in piped.stdout
+    assert "mean exit layer" in piped.stdout and "the full model's FLOPs" in piped.stdout
 
     # a certificate edited by hand is refused
     edited = dict(cert, lambda_hat=0.0)

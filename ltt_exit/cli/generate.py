@@ -97,7 +97,8 @@ def main(argv=None) -> int:
             print(json.dumps({"prompt": prompt, "text": seq.text, "token_ids": seq.token_ids,
                               "exit_layers": seq.exit_layers,
                               "confidences": [None if c != c else c for c in seq.confidences],
-                              "mean_layers": seq.cost.mean_layers, "num_layers": num_layers},
+                              "mean_layers": seq.cost.mean_layers, "num_layers": num_layers,
+                              "flops_ratio": seq.cost.flops_ratio if seq.token_ids else None},
                              ensure_ascii=False))
             continue
         print(seq.text)
@@ -105,13 +106,17 @@ def main(argv=None) -> int:
             pieces = [f"{tokenizer.decode([t])!r}@{layer}" for t, layer in zip(seq.token_ids, seq.exit_layers)]
             print("  exits: " + " ".join(pieces))
         print(f"  [{len(seq.token_ids)} tokens, mean exit layer {seq.cost.mean_layers:.2f} of {num_layers}, "
-              f"estimated speed-up {num_layers / seq.cost.mean_layers:.2f}×]" if seq.token_ids else "  [no tokens]")
+              f"estimated speed-up {num_layers / seq.cost.mean_layers:.2f}× in layers; work "
+              f"{seq.cost.flops_ratio:.2f}× the full model's FLOPs]" if seq.token_ids else "  [no tokens]")
     if not args.json:
         tokens = sum(len(s.token_ids) for s in outputs)
         layers = sum(sum(s.exit_layers) for s in outputs)
+        full = sum(s.cost.full_flops for s in outputs)
+        work = sum(s.cost.flops for s in outputs) / full if full else float("nan")
         cert = certified.certificate
         print(f"λ = {certified.threshold:g} (certified at δ = {cert.delta:g}, ε = {cert.epsilon:g}, n = {cert.n}); "
-              f"{tokens} tokens, mean exit layer {layers / max(tokens, 1):.2f} of {num_layers}", file=sys.stderr)
+              f"{tokens} tokens, mean exit layer {layers / max(tokens, 1):.2f} of {num_layers}, work {work:.2f}× "
+              "the full model's FLOPs", file=sys.stderr)
     return 0
 
 
