@@ -758,6 +758,7 @@ def collect_states(
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     from .backends import backend_for
+    from .decoder import pad_token_rows
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -775,23 +776,13 @@ def collect_states(
         eos = {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
     top_k = min(int(teacher_top_k), backend.vocab_size)
     device = backend.device
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = backend.pad_token_id() if pad is None else int(pad)
     capture = _PreNormCapture(_final_norm(backend))
     try:
         for first in range(0, len(prompts), batch_size):
             rows = [list(tokenizer(str(prompt), add_special_tokens=True)["input_ids"])
                     for prompt in prompts[first:first + batch_size]]
-            if any(len(row) == 0 for row in rows):
-                raise ValueError("every prompt needs at least one token")
-            batch, width = len(rows), max(len(row) for row in rows)
-            ids = torch.full((batch, width), pad, dtype=torch.long)
-            mask = torch.zeros((batch, width), dtype=torch.long)
-            for i, row in enumerate(rows):
-                span = slice(width - len(row), width) if backend.padding_side == "left" else slice(0, len(row))
-                ids[i, span] = torch.tensor(row, dtype=torch.long)
-                mask[i, span] = 1
-            ids, mask = ids.to(device), mask.to(device)
+            ids, mask = pad_token_rows(rows, tokenizer, backend)
+            ids, mask, batch = ids.to(device), mask.to(device), len(rows)
             if backend.family == "t5":
                 config = model.decoder.config
                 cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))

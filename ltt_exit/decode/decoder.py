@@ -119,6 +119,25 @@ class _RowRecord:
     head_rows: list[int] = field(default_factory=list)
 
 
+def pad_token_rows(rows: list[list[int]], tokenizer: Any, backend: ExitBackend) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows -> (ids, attention_mask), both (B, width) long on the CPU, padded on the backend's side
+    (left for decoder-only models) with the tokenizer's pad id (else the model's)."""
+    if not rows:
+        raise ValueError("nothing to decode: the batch is empty")
+    if any(len(row) == 0 for row in rows):
+        raise ValueError("every prompt needs at least one token")
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad = backend.pad_token_id() if pad is None else int(pad)
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if backend.padding_side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 class EarlyExitDecoder:
     """Greedy early-exit decoding of a Hugging Face model, wrapping the library's own modules.
 
@@ -344,20 +363,7 @@ class EarlyExitDecoder:
         return PromptBatch(ids, mask)
 
     def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not rows:
-            raise ValueError("nothing to decode: the batch is empty")
-        if any(len(row) == 0 for row in rows):
-            raise ValueError("every prompt needs at least one token")
-        pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None
-        pad = self.backend.pad_token_id() if pad is None else int(pad)
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(width - len(row), width) if self.backend.padding_side == "left" else slice(0, len(row))
-            ids[i, span] = torch.tensor(row, dtype=torch.long)
-            mask[i, span] = 1
-        return ids, mask
+        return pad_token_rows(rows, self.tokenizer, self.backend)
 
     def _decode(
         self, prompt: PromptBatch, thresholds: list[float], max_new_tokens: int, eos: set[int]
