@@ -218,6 +218,9 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     if args.batch_prompts is not None and args.batch_prompts < 1:
         raise ValueError(f"--batch-prompts must be at least 1, got {args.batch_prompts}")
+    if args.distill_steps < 0 or (args.distill_steps and args.kind != "affine"):
+        raise ValueError(f"--distill-steps takes a count >= 0 and goes with --kind affine; got "
+                         f"{args.distill_steps} with --kind {args.kind}")
     recipe = load_recipe(args.recipe)
     started = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -247,9 +250,6 @@ def run(args) -> dict:
                                      exclude=exclude)
         _log(args, f"fitting prompts: {len(examples)} of split {info['split']!r} ({info['source']}); "
                    f"{max_new_tokens} greedy tokens each; layers {layers[0]}..{layers[-1]}")
-        if args.distill_steps < 0 or (args.distill_steps and args.kind != "affine"):
-            raise ValueError(f"--distill-steps takes a count >= 0 and goes with --kind affine; got "
-                             f"{args.distill_steps} with --kind {args.kind}")
         trains = args.kind == "low-rank" or args.distill_steps > 0
         keep_tokens = args.max_train_tokens if trains else 0
         data = ExitFitData.collect(loaded, examples, info, max_new_tokens=max_new_tokens, layers=layers,
