@@ -26,6 +26,10 @@
 
     python3 benchmarks/bench_adapters.py --fit-size 200 --kinds affine,affine+classifier --skip-agreement
 
+6. Kind ``affine-distill``: the affine maps fine-tuned by distillation (``--distill-steps``, ``--distill-lr``,
+   ``--train-tokens``; full vocabulary on CUDA). ``--device cuda`` runs everything on a GPU (sweeps 16 prompts
+   per batch unless ``--batch-prompts``); docs/benchmarks.md "More data, distilled maps, n = 400" has the runs.
+
 Adapter files and loss tables are kept in ``--work-dir`` and reused when the settings match, so an
 interrupted run resumes (sweeps resume per prompt). Prints markdown tables and writes a JSON file.
 """
