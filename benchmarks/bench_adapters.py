@@ -250,14 +250,8 @@ def fit_classifier(args, loaded, recipe, calibration, affine, base="affine"):
         return ExitAdapters.load(path, model_fingerprint=loaded.fingerprint)
     pool, info = fitting_set(recipe, size=None, seed=1, split="test", data_files=args.data_dir / "samsum_test.jsonl",
                              family=loaded.family, tokenizer=loaded.tokenizer, exclude=calibration)
-
-    class One:
-        recipe, source = info["recipe"], info["source"]
-
-        def __init__(self, example):
-            self.examples = [example]
-
-    fresh = [e for e in pool if not affine.example_hashes.overlapping(One(e))][: args.classifier_size]
+    fresh = [e for e in pool if not affine.example_hashes.overlaps(e, recipe=info["recipe"], source=info["source"])]
+    fresh = fresh[: args.classifier_size]
     log(f"fitting the exit classifier on {len(fresh)} further test-split prompts ({args.pruning}) …")
     started = time.perf_counter()
     adapters = fit_exit_classifier(loaded, affine, fresh, info | {"n_prompts": len(fresh)},

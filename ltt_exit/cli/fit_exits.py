@@ -278,7 +278,8 @@ def run(args) -> dict:
                                       data_files=args.data_files, family=loaded.family, tokenizer=loaded.tokenizer,
                                       exclude=exclude)
         fitted = adapters.example_hashes
-        fresh = [e for e in pool if not fitted.overlapping(_OneExampleSet(pool_info, e))][: args.classifier_size]
+        fresh = [e for e in pool if not fitted.overlaps(e, recipe=pool_info.get("recipe"),
+                                                        source=pool_info.get("source"))][: args.classifier_size]
         if not fresh:
             raise ValueError("no prompts are left in the fitting pool for the exit classifier after leaving out the "
                              "adapters' own prompts and the calibration sample")
@@ -315,13 +316,6 @@ def run(args) -> dict:
         "batch_prompts": batch_prompts,
     }
     return summary
-
-
-class _OneExampleSet:
-    """One pool example as a calibration-set-like object (for ExampleHashes.overlapping)."""
-
-    def __init__(self, info, example):
-        self.recipe, self.source, self.examples = info.get("recipe"), info.get("source"), [example]
 
 
 def main(argv=None) -> int:

@@ -195,6 +195,9 @@ def _short_hash(*parts: str) -> str:
     return digest[:24]  # 96 bits: collisions are not a practical concern for sets of this size
 
 
+_HASH_FIELDS = ("ids", "prompts", "texts", "recipes", "sources")
+
+
 @dataclass
 class ExampleHashes:
     """Hashes of the fitting examples, kept in the adapter file to check calibration sets against.
@@ -233,25 +236,28 @@ class ExampleHashes:
 
     def overlapping(self, calibration_set) -> list[str]:
         """Ids of the calibration examples that were (or share a document with) fitting examples."""
-        same_data = (getattr(calibration_set, "recipe", None) in self.recipes
-                     or getattr(calibration_set, "source", None) in self.sources)
-        found = []
-        for example in calibration_set.examples:
-            id_hash, prompt_hash, texts = self._example_parts(example)
-            if (
-                prompt_hash in self.prompts
-                or any(t in self.texts for t in texts)
-                or (same_data and id_hash in self.ids)
-            ):
-                found.append(str(example.id))
-        return found
+        recipe, source = getattr(calibration_set, "recipe", None), getattr(calibration_set, "source", None)
+        return [str(example.id) for example in calibration_set.examples
+                if self.overlaps(example, recipe=recipe, source=source)]
+
+    def overlaps(self, example, *, recipe: str | None, source: str | None) -> bool:
+        """Whether ``example`` (of data set ``recipe`` / ``source``) was, or shares a document with, a fitting
+        example; ids count only within the same recipe name or source (positional ids collide across data)."""
+        id_hash, prompt_hash, texts = self._example_parts(example)
+        same_data = recipe in self.recipes or source in self.sources
+        return prompt_hash in self.prompts or any(t in self.texts for t in texts) or (same_data and id_hash in self.ids)
+
+    def union(self, other: "ExampleHashes | None") -> "ExampleHashes":
+        """A new set holding the hashes of both."""
+        return ExampleHashes(**{key: set(getattr(self, key)) | (set(getattr(other, key)) if other else set())
+                                for key in _HASH_FIELDS})
 
     def to_json(self) -> dict[str, Any]:
-        return {key: sorted(getattr(self, key)) for key in ("ids", "prompts", "texts", "recipes", "sources")}
+        return {key: sorted(getattr(self, key)) for key in _HASH_FIELDS}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ExampleHashes":
-        return cls(**{key: set(data.get(key, [])) for key in ("ids", "prompts", "texts", "recipes", "sources")})
+        return cls(**{key: set(data.get(key, [])) for key in _HASH_FIELDS})
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -445,11 +451,7 @@ class ExitAdapters:
         example_hashes: hashes of its fitting examples, merged with the adapters' own so that
                         :meth:`check_disjoint` also refuses calibration examples the classifier saw
         The copy has no path (save it)."""
-        hashes = ExampleHashes(**{key: set(getattr(self.example_hashes, key)) for key in
-                                  ("ids", "prompts", "texts", "recipes", "sources")})
-        if example_hashes is not None:
-            for key in ("ids", "prompts", "texts", "recipes", "sources"):
-                getattr(hashes, key).update(getattr(example_hashes, key))
+        hashes = self.example_hashes.union(example_hashes)
         fit_info = dict(self.fit_info) | {"exit_classifier": dict(info or {})}
         # copies of the maps: the constructor moves them to float32 in place, which must not touch ours
         maps = {layer: copy.deepcopy(layer_map) for layer, layer_map in self.maps.items()}
@@ -1176,8 +1178,7 @@ def fitting_set(
     hashes = [ExampleHashes.of(c.examples, recipe=c.recipe, source=c.source) for c in excluded]
     keep = []
     for example in pool.examples:
-        probe = _OneExample(pool.recipe, pool.source, example)
-        if any(h.overlapping(probe) for h in hashes):
+        if any(h.overlaps(example, recipe=pool.recipe, source=pool.source) for h in hashes):
             continue
         keep.append(example)
         if size is not None and len(keep) == size:
@@ -1203,19 +1204,6 @@ def fitting_set(
         ],
     }
     return keep, info
-
-
-@dataclass
-class _OneExample:
-    """A one-example stand-in for a CalibrationSet (for ExampleHashes.overlapping)."""
-
-    recipe: str
-    source: str
-    example: Any
-
-    @property
-    def examples(self):
-        return [self.example]
 
 
 # ------------------------------------------------------------------------------ the whole fit
