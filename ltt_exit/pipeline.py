@@ -34,6 +34,11 @@ DEFAULTS = {
 DEFAULT_BATCH_PROMPTS = {"cpu": 8, "cuda": 16}
 
 
+def default_batch_prompts(device_type: str) -> int:
+    """Prompts decoded together on a device of this type (``torch.device.type``); the CPU's for others."""
+    return DEFAULT_BATCH_PROMPTS.get(device_type, DEFAULT_BATCH_PROMPTS["cpu"])
+
+
 def _grid(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.replace(",", " ").split())
@@ -165,8 +170,7 @@ def loss_table_from_model(args: argparse.Namespace):
                                scorer=(args.scorer, args.scorer_params),
                                pruning=(args.pruning, args.pruning_params),
                                min_exit_layer=args.min_exit_layer, tau=args.tau, exit_adapters=adapters)
-    device_type = decoder.backend.device.type
-    batch_prompts = args.batch_prompts or DEFAULT_BATCH_PROMPTS.get(device_type, DEFAULT_BATCH_PROMPTS["cpu"])
+    batch_prompts = args.batch_prompts or default_batch_prompts(decoder.backend.device.type)
     spec = SweepSpec(lambdas=spec_check.lambdas, max_new_tokens=args.max_new_tokens or calibration_set.max_new_tokens,
                      metric=calibration_set.metric, loss=args.loss, prompts_per_batch=batch_prompts)
     key = sweep_config_key(loaded.fingerprint, decoder.config_dict(), calibration_set.fingerprint, spec)

@@ -224,9 +224,9 @@ def run(args) -> dict:
     recipe = load_recipe(args.recipe)
     started = time.perf_counter()
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    from ltt_exit.pipeline import DEFAULT_BATCH_PROMPTS
+    from ltt_exit.pipeline import default_batch_prompts
 
-    batch_prompts = args.batch_prompts or DEFAULT_BATCH_PROMPTS.get(loaded.device.type, DEFAULT_BATCH_PROMPTS["cpu"])
+    batch_prompts = args.batch_prompts or default_batch_prompts(loaded.device.type)
     _log(args, f"model {args.model!r}: {loaded.num_layers} layers, fingerprint {loaded.fingerprint[:19]}…")
     layers = parse_layers(args.layers, loaded.num_layers)
     exclude = None
