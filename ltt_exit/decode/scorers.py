@@ -364,10 +364,6 @@ class LogisticExitModel:
         """features (B, G) -> (B,) σ(b_ℓ + w_ℓ · f)."""
         return torch.sigmoid(self.logit(layer, features))
 
-    def flops(self) -> float:
-        """FLOPs of the logistic model itself per position and layer (the features' head rows are extra)."""
-        return 2.0 * len(self.features) + 4.0
-
     def to_json(self) -> dict[str, Any]:
         return {"features": list(self.features), "layers": list(self.layers)}
 
@@ -393,8 +389,9 @@ class ExitClassifier(ConfidenceScorer):
         """The scorer with the classifier held by ``exit_adapters`` (ValueError when there is none)."""
         model = getattr(exit_adapters, "exit_classifier", None)
         if model is None:
-            where = "no exit adapters were given" if exit_adapters is None else (
-                f"the exit adapters {getattr(exit_adapters, 'path', None) or ''} hold no fitted classifier".replace("  ", " "))
+            path = getattr(exit_adapters, "path", None)
+            where = ("no exit adapters were given" if exit_adapters is None
+                     else f"the exit adapters{f' {path}' if path else ''} hold no fitted classifier")
             raise ValueError(
                 f"the exit-classifier scorer needs its fitted parameters, and {where}. Fit them into the adapter "
                 "file with `ltt-fit-exits --exit-classifier` (or ExitAdapters.with_exit_classifier)."
