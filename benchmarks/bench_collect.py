@@ -24,18 +24,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench_gpu_latency import smollm2_shape  # this script's folder is on sys.path
 
     from ltt_exit.decode.adapters import collect_states
     from ltt_exit.decode.tiny_models import tiny_word_tokenizer
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config).eval()
+    model = smollm2_shape(args.device, torch.float32)
     tokenizer = tiny_word_tokenizer(49152, pad_id=0, bos_id=1, eos_id=2, add_bos=True)
     rng = np.random.default_rng(0)
     prompts = [" ".join(f"w{i}" for i in rng.integers(3, 49000, size=rng.integers(100, 200)))

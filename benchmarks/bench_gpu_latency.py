@@ -416,7 +416,7 @@ def piece_times(decoder, prompt, N, replays=200):
     return out
 
 
-def smollm2_shape(device):
+def smollm2_shape(device, dtype=torch.bfloat16):
     """A random-weight Llama with SmolLM2-135M's exact shape (for device timings without the GGUF)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -427,7 +427,7 @@ def smollm2_shape(device):
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)
-    return model.to(torch.bfloat16).eval()
+    return model.to(dtype).eval()
 
 
 def bench_pieces(args, res: Results):
