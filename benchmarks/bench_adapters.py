@@ -85,7 +85,11 @@ def parse_args():
 
 def collect_batch(args) -> int:
     """Prompts per batch when collecting fitting states (the runs in docs/benchmarks.md used 1)."""
-    return args.batch_prompts or (16 if str(args.device).startswith("cuda") else 8)
+    import torch
+
+    from ltt_exit.pipeline import default_batch_prompts
+
+    return args.batch_prompts or default_batch_prompts(torch.device(args.device).type)
 
 
 def log(message: str) -> None:
