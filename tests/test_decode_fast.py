@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ltt_exit.decode import EarlyExitDecoder, FastEarlyExitDecoder
-from ltt_exit.decode.fast import _StackedKV
+from ltt_exit.decode.fast_buffers import StackedKV
 from ltt_exit.decode.reference import reference_generate
 from ltt_exit.decode.tiny_models import tiny_llama, tiny_mistral, tiny_qwen2, tiny_t5
 
@@ -210,7 +210,7 @@ def test_stacked_kv_equals_each_layers_own_projection(name):
     """The batched K/V tail equals ExitBackend.propagate_kv layer by layer (norm, K/V, RoPE at the position)."""
     model = model_for(name)
     backend = EarlyExitDecoder(model).backend
-    stacked = _StackedKV(backend)
+    stacked = StackedKV(backend)
     generator = torch.Generator().manual_seed(12)
     hidden = torch.randn(3, 1, backend.hidden_size, generator=generator, dtype=DTYPE).to(DEVICE)
     cos = sin = None

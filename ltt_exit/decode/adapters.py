@@ -760,7 +760,7 @@ def collect_states(
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
     from .backends import backend_for
-    from .decoder import pad_token_rows
+    from .prompts import pad_token_rows
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
