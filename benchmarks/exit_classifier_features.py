@@ -99,8 +99,8 @@ def collect(args):
     fit_examples, _ = fitting_set(recipe, size=320, seed=1, split="test", data_files=data_dir / "samsum_test.jsonl",
                                   family=loaded.family, tokenizer=loaded.tokenizer, exclude=calibration)
     affine = ExitAdapters.load(ADAPTERS, model_fingerprint=loaded.fingerprint)
-    from ltt_exit.decode.adapters import _fit_set_digest
-    assert _fit_set_digest(fit_examples[:200]) == affine.fit_info["fit_set_sha256"], "adapter prompts differ"
+    from ltt_exit.decode.adapters import fit_set_digest
+    assert fit_set_digest(fit_examples[:200]) == affine.fit_info["fit_set_sha256"], "adapter prompts differ"
     affine.check_disjoint(calibration)
     sets = {"clf": fit_examples[200:320], "adapt": fit_examples[:40], "heldout": validation.examples[100:220]}
     for name in args.sets.split(","):
