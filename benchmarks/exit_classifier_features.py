@@ -24,12 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-WORK = Path("/tmp/ltt-exit-classifier")
-ADAPTERS = Path("/tmp/ltt-bench-adapters/affine.safetensors")
-MIN_EXIT = 12
-FEATURES = ("p1", "p2", "margin", "entropy", "eq_prev_chain", "run_chain", "eq_prev_view", "prev_p_top",
-            "prev_margin_view", "cos_raw", "cos_adapted", "log_k")
+from exit_classifier_setup import ADAPTERS, MIN_EXIT, REPO, WORK  # this script's folder is on sys.path
 
 
 def log(message):

@@ -27,7 +27,7 @@ computed with either applies to both. What changes is how the work reaches the d
   which some row can still exit; pruned heads compute k rows. For the softmax and hidden-state scorers
   with the built-in prunings, the whole exit decision (norm, head rows, scorer, threshold test, state
   update) is one function that ``compile=`` hands to ``torch.compile`` (its kernels are then captured
-  in the layer's graph); other scorers and exit adapters use the reference decoder's own decision code.
+  in the layer's graph; ``fused_decision.py``); other scorers and exit adapters use the eager ``exit_rule.consult``.
 
 Batches: every row keeps its own exit layer (the outputs of each row equal decoding it alone). A layer
 runs in full while any live row of the batch is undecided; once all have exited, only the batched K/V
@@ -46,74 +46,18 @@ import torch
 from . import exit_rule
 from .backends import PromptBatch
 from .decoder import EarlyExitDecoder
-from .exit_rule import RowRecord, apply_exits, exits_at, predicted_tokens
+from .exit_rule import RowRecord, apply_exits
 from .fast_buffers import Session, StackedKV, StepContext
+from .fused_decision import FUSED_PRUNINGS, FUSED_SCORERS, consult_specs, fused_consult
 from .outputs import DecodedSequence
 from .prompts import check_budget, eos_ids
-from .pruning import DecayingPruning, FixedPruning, NoPruning, keep_best
 from .schedule import check_thresholds
-from .scorers import ExitView, HiddenCosine, SoftmaxMargin, SoftmaxMax
+from .scorers import ExitView
 
 __all__ = ["FastEarlyExitDecoder"]
 
-#: scorers and prunings whose exit decision has a fused (compilable) implementation here; anything else
-#: (contrastive scorers, custom classes, exit adapters) runs the eager ``exit_rule.consult``
-FUSED_SCORERS = (SoftmaxMax, SoftmaxMargin, HiddenCosine)
-FUSED_PRUNINGS = (NoPruning, FixedPruning, DecayingPruning)
-
-
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-class _ConsultSpec:
-    """What the fused exit decision does at one consulted layer.
-
-    full_head: evaluate all V rows of the head (else the previous layer's vocabulary set);
-    keep: keep this many best-ranked ids afterwards (None: keep the set as it is);
-    width: head rows charged per row; exits_only: charge only rows that exit (hidden-state scorer, no pruning).
-    """
-
-    __slots__ = ("full_head", "keep", "width", "exits_only")
-
-    def __init__(self, full_head: bool, keep: int | None, width: int, exits_only: bool):
-        self.full_head, self.keep, self.width, self.exits_only = full_head, keep, width, exits_only
-
-
-def _fused_consult(head: Callable, score: Callable, hidden, hidden_prev, ids, thresholds, may_exit, layer_value,
-                   forced_now, tokens, exit_layers, confidences, undecided, head_rows,
-                   full_head: bool, keep: int | None, width: int, exits_only: bool, forced: bool):
-    """One exit decision for every row, on the device, updating the row state in place: the exit rule's
-    own test and update (``exit_rule.exits_at`` / ``predicted_tokens`` / ``apply_exits``) behind a head and
-    a scorer whose shapes are fixed per layer (so ``torch.compile`` can fuse them).
-
-    hidden, hidden_prev: (B, d) states after layers ℓ and ℓ-1; ids: (B, k) vocabulary set of the previous
-    consulted layer or None; thresholds: (B,) λ_t; may_exit: (B,) bool, undecided rows with a finite λ;
-    layer_value: () long tensor ℓ; forced_now: (B,) forced exit layers (benchmarks) or None.
-    tokens, exit_layers, confidences, undecided, head_rows: (B,) row state, updated in place.
-    Returns the vocabulary set (B, k) the next consulted layer starts from (None: full vocabulary).
-    """
-    logits = head(hidden, None if full_head else ids)
-    new_ids = None if full_head else ids
-    if keep is not None:
-        new_ids, logits = keep_best(logits, new_ids, keep)
-    confidence = score(logits, hidden, hidden_prev)
-    if forced:
-        exits = may_exit & (forced_now == layer_value)
-    else:
-        exits = exits_at(confidence, thresholds, may_exit)
-    charged = exits if exits_only else may_exit
-    head_rows.add_(charged.to(head_rows.dtype) * width)
-    predicted = predicted_tokens(logits, new_ids)
-    new_tokens, new_exit_layers, new_confidences = apply_exits(exits, layer_value, predicted, confidence, tokens,
-                                                               exit_layers, confidences)
-    tokens.copy_(new_tokens)
-    exit_layers.copy_(new_exit_layers)
-    confidences.copy_(new_confidences)
-    still = ~exits
-    undecided.logical_and_(still)
-    may_exit.logical_and_(still)
-    return new_ids
 
 
 class FastEarlyExitDecoder(EarlyExitDecoder):
@@ -153,7 +97,8 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             and type(self.scorer) in FUSED_SCORERS
             and type(self.pruning) in FUSED_PRUNINGS
         )
-        self._specs = self._consult_specs() if self._fused else {}
+        self._specs = consult_specs(self.scorer, self.pruning, self.backend.vocab_size, self.min_exit_layer,
+                                     self.num_layers) if self._fused else {}
         scorer = self.scorer
         self._head = self.backend.head
 
@@ -162,11 +107,11 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             return scorer.score(ExitView(layer=0, logits=logits, hidden=hidden, hidden_prev=hidden_prev))
 
         self._score = score
-        self._consult_fn = _fused_consult
+        self._consult_fn = fused_consult
         self.compile_backend = None
         if compile and self._fused:
             self.compile_backend = "inductor" if compile is True else compile
-            self._consult_fn = torch.compile(_fused_consult, backend=self.compile_backend, fullgraph=True,
+            self._consult_fn = torch.compile(fused_consult, backend=self.compile_backend, fullgraph=True,
                                              dynamic=False)
         #: after each generate(): host reads of decision flags and of EOS flags, graph replays, steps run
         self.last_stats: dict[str, int] = {}
@@ -177,31 +122,13 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         """Whether exit decisions use the fused (compilable) implementation rather than ``exit_rule.consult``."""
         return self._fused
 
-    def _consult_specs(self) -> dict[int, _ConsultSpec]:
-        vocab, j = self.backend.vocab_size, self.min_exit_layer
-        exits_only = (not self.scorer.needs_logits) and isinstance(self.pruning, NoPruning)
-        specs, previous = {}, None
-        for layer in range(j, self.num_layers):
-            if isinstance(self.pruning, NoPruning):
-                spec = _ConsultSpec(True, None, vocab, exits_only)
-            elif isinstance(self.pruning, FixedPruning):
-                kept = min(self.pruning.k, vocab)
-                spec = _ConsultSpec(True, kept, vocab, False) if layer == j else _ConsultSpec(False, None, previous, False)
-                previous = kept
-            else:
-                wanted = self.pruning.k_at(layer, self.num_layers)
-                if layer == j:
-                    kept = min(wanted, vocab)
-                    spec = _ConsultSpec(True, kept, vocab, False)
-                else:
-                    kept = min(wanted, previous)
-                    spec = _ConsultSpec(False, kept, previous, False)
-                previous = kept
-            specs[layer] = spec
-        return specs
-
     def _step_context(self, session: Session) -> StepContext:
         return StepContext(session, self.backend, self.exit_adapters, eager_heads=not self._fused)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether steps replay captured CUDA graphs (``cuda_graphs``, or by default: the model is on CUDA)."""
+        return self._graphs_on()
 
     def _graphs_on(self) -> bool:
         on = self.backend.device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs

@@ -41,7 +41,12 @@ examples the decoder (adapters included) did not see. The file keeps hashes of t
 shares any of them, and :func:`fitting_set` refuses to draw fitting prompts from the calibration split
 unless the calibration sample is excluded.
 """
-from .classifier import DEFAULT_CLASSIFIER_FEATURES, exit_classifier_samples, fit_exit_classifier, fit_logistic_exit_model
+from .classifier import (
+    DEFAULT_CLASSIFIER_FEATURES,
+    exit_classifier_samples,
+    fit_exit_classifier,
+    fit_logistic_exit_model,
+)
 from .errors import AdapterMismatch, CalibrationOverlap
 from .file import ADAPTER_FORMAT_VERSION, ExitAdapters, check_disjoint, resolve_exit_adapters
 from .fitting import ExitFitData, RidgeStatistics, TokenReservoir, train_low_rank
