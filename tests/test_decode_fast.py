@@ -32,7 +32,7 @@ SCORER_PRUNING = [
     ("softmax-margin", ("decaying", {"k_max": 60, "k_min": 4})),
     ("hidden-cosine", "none"),
     ("hidden-cosine", ("fixed", {"k": 6})),
-    ("weighted-contrastive", ("fixed", {"k": 6})),  # not fused: the reference decoder's own decision code
+    ("weighted-contrastive", ("fixed", {"k": 6})),  # not fused: the eager exit_rule.consult
     ("jsd-contrastive", "none"),
 ]
 

@@ -46,7 +46,7 @@ import torch
 from . import exit_rule
 from .backends import PromptBatch
 from .decoder import EarlyExitDecoder
-from .exit_rule import RowRecord, apply_exits
+from .exit_rule import RowRecord
 from .fast_buffers import Session, StackedKV, StepContext
 from .fused_decision import FUSED_PRUNINGS, FUSED_SCORERS, consult_specs, fused_consult
 from .outputs import DecodedSequence
@@ -321,7 +321,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
     def _decide_generic(self, s: Session, ctx: StepContext, layer: int) -> None:
         exits, predicted, confidence, ctx.set_ids = exit_rule.consult(self, layer, ctx.heads, s.may_exit,
                                                                       s.thresholds, ctx.set_ids)
-        tokens, exit_layers, confidences = apply_exits(exits, s.layer_values[layer], predicted, confidence,
+        tokens, exit_layers, confidences = exit_rule.apply_exits(exits, s.layer_values[layer], predicted, confidence,
                                                        s.tokens, s.exit_layers, s.confidences)
         s.tokens.copy_(tokens)
         s.exit_layers.copy_(exit_layers)
@@ -445,7 +445,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         index = j - 1
         while index < L:
             self._run(s, f"layer{index}", lambda i=index: self._layer(s, ctx, i))
-            if index < L - 1:  # layer index + 1 is consulted
+            if exit_rule.is_consulted(index + 1, j, L):  # its decision is read back, lookahead layers later
                 self._post(s, index)
                 pending.append(index)
             index += 1

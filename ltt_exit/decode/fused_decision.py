@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .exit_rule import apply_exits, exits_at, head_at_every_consult, predicted_tokens
+from . import exit_rule
 from .pruning import DecayingPruning, FixedPruning, NoPruning, VocabPruning, keep_best
 from .scorers import ConfidenceScorer, HiddenCosine, SoftmaxMargin, SoftmaxMax
 
@@ -60,12 +60,12 @@ def fused_consult(head: Callable, score: Callable, hidden, hidden_prev, ids, thr
     if forced:
         exits = may_exit & (forced_now == layer_value)
     else:
-        exits = exits_at(confidence, thresholds, may_exit)
+        exits = exit_rule.exits_at(confidence, thresholds, may_exit)
     charged = exits if exits_only else may_exit
     head_rows.add_(charged.to(head_rows.dtype) * width)
-    predicted = predicted_tokens(logits, new_ids)
-    new_tokens, new_exit_layers, new_confidences = apply_exits(exits, layer_value, predicted, confidence, tokens,
-                                                               exit_layers, confidences)
+    predicted = exit_rule.predicted_tokens(logits, new_ids)
+    new_tokens, new_exit_layers, new_confidences = exit_rule.apply_exits(exits, layer_value, predicted, confidence,
+                                                                         tokens, exit_layers, confidences)
     tokens.copy_(new_tokens)
     exit_layers.copy_(new_exit_layers)
     confidences.copy_(new_confidences)
@@ -80,7 +80,7 @@ def consult_specs(scorer: ConfidenceScorer, pruning: VocabPruning, vocab: int, m
     """The fused decision's plan for every consulted layer j..L-1: the built-in prunings' vocabulary sets
     as fixed widths (what ``pruning.select`` does, unrolled so that each layer's shapes are static)."""
     j = min_exit_layer
-    exits_only = not head_at_every_consult(scorer, pruning)
+    exits_only = not exit_rule.head_at_every_consult(scorer, pruning)
     specs, previous = {}, None
     for layer in range(j, num_layers):
         if isinstance(pruning, NoPruning):

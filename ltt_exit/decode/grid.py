@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import PromptBatch
-from .exit_rule import ExitSettings, RowRecord, decode_position, finish_sequence, record_prefill_tokens
+from . import exit_rule
+from .exit_rule import ExitSettings, RowRecord, finish_sequence, record_prefill_tokens
 from .outputs import DecodedSequence
 from .schedule import check_thresholds
 
@@ -138,7 +139,7 @@ class StepTrace:
             return row_tokens[group], torch.full_like(group, num_layers), nan, at_last_layer_head
         device = group.device
         confidences = torch.stack(self.confidences)[:, group]  # (C, M)
-        passes = torch.stack(self.consulting)[:, group] & (confidences >= thresholds[None, :])
+        passes = exit_rule.exits_at(confidences, thresholds[None, :], torch.stack(self.consulting)[:, group])
         consulted = len(self.layers)
         order = torch.arange(consulted, device=device)[:, None]
         first = torch.where(passes, order, consulted).amin(dim=0)  # first consulted layer cleared, else C
@@ -237,7 +238,7 @@ def decode_grid(
         group_index = torch.tensor(member_row, dtype=torch.long, device=device)
         exit_thresholds, consult_thresholds = _row_thresholds(group_index, thresholds, len(rows))
         trace = StepTrace()
-        row_tokens, _, _, row_head_rows = decode_position(
+        row_tokens, _, _, row_head_rows = exit_rule.decode_position(
             decoder, state, inputs, exit_thresholds, consult_thresholds=consult_thresholds, trace=trace
         )
         tokens, exit_layers, confidences, head_rows = trace.resolve(
