@@ -65,7 +65,9 @@ def render(parts) -> list[str]:
     t5, sm = _sections(parts, "t5"), _sections(parts, "smollm2")
     t5f, pieces = _sections(parts, "t5-forced"), _sections(parts, "pieces")
     out = [SECTION, ""]
-    out += ["Script: `benchmarks/bench_gpu_latency.py`; fast path: `ltt_exit.decode.FastEarlyExitDecoder` "
+    out += ["Script: `benchmarks/bench_gpu_latency.py` (sections in `gpu_latency_t5.py`, `gpu_latency_smollm2.py`, "
+            "report in `gpu_latency_report.py`, helpers in `_common.py`); fast path: "
+            "`ltt_exit.decode.FastEarlyExitDecoder` "
             "(docs/decoder.md § Fast path). One NVIDIA H200 (`nvidia-h200`), torch 2.11 + CUDA 13.0, "
             "transformers 5.24 (carried as a wheel). Raw results: `benchmarks/results/*.json`. Latencies are "
             "wall-clock per generated token at batch 1 (prefill / encoder included, CUDA synchronised around "
