@@ -166,7 +166,7 @@ class EarlyExitDecoder:
         eos_token_id:   stop ids (default: the model's generation config); [] never stops early
         """
         check_budget(max_new_tokens)
-        prompt = self._prepare_prompt(prompts, input_ids, attention_mask)
+        prompt = prepare_prompt(self.backend, self.tokenizer, prompts, input_ids, attention_mask)
         batch_size = prompt.input_ids.shape[0]
         thresholds = check_thresholds(threshold, batch_size)
         eos = eos_ids(self.backend, eos_token_id)
@@ -194,13 +194,10 @@ class EarlyExitDecoder:
         step decoded. Prompt arguments, ``max_new_tokens`` and ``eos_token_id`` are as for :meth:`generate`.
         """
         check_budget(max_new_tokens)
-        prompt = self._prepare_prompt(prompts, input_ids, attention_mask)
+        prompt = prepare_prompt(self.backend, self.tokenizer, prompts, input_ids, attention_mask)
         full, early, stats = decode_grid(self, prompt, lambdas, max_new_tokens, eos_ids(self.backend, eos_token_id))
         self.last_grid_stats = stats
         return full, early
-
-    def _prepare_prompt(self, prompts, input_ids, attention_mask) -> PromptBatch:
-        return prepare_prompt(self.backend, self.tokenizer, prompts, input_ids, attention_mask)
 
     def _decode(
         self, prompt: PromptBatch, thresholds: list[float], max_new_tokens: int, eos: set[int]

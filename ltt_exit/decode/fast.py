@@ -50,7 +50,7 @@ from .exit_rule import RowRecord
 from .fast_buffers import Session, StackedKV, StepContext
 from .fused_decision import FUSED_PRUNINGS, FUSED_SCORERS, consult_specs, fused_consult
 from .outputs import DecodedSequence
-from .prompts import check_budget, eos_ids
+from .prompts import check_budget, eos_ids, prepare_prompt
 from .schedule import check_thresholds
 from .scorers import ExitView
 
@@ -155,7 +155,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             head and the scorer still run at every consulted layer, so the work done is the real one.
         """
         check_budget(max_new_tokens)
-        prompt = self._prepare_prompt(prompts, input_ids, attention_mask)
+        prompt = prepare_prompt(self.backend, self.tokenizer, prompts, input_ids, attention_mask)
         batch = prompt.input_ids.shape[0]
         thresholds = check_thresholds(threshold, batch)
         eos = eos_ids(self.backend, eos_token_id)
