@@ -9,6 +9,7 @@ modules (``from _common import ...``).
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,6 @@ def test_checks_see_the_loop_and_the_private_import_this_refactor_removed(monkey
     (package / "decoder.py").write_text("from .grid import decode_grid\n")
     (package / "grid.py").write_text("def decode_grid():\n    from .decoder import _RowRecord\n")
     fake = {"pkg": package / "__init__.py", "pkg.decoder": package / "decoder.py", "pkg.grid": package / "grid.py"}
-    monkeypatch.setattr(f"{__name__}.MODULES", fake)
+    monkeypatch.setattr(sys.modules[__name__], "MODULES", fake)
     assert _private_imports("pkg.grid") == ["pkg.grid:2 imports _RowRecord from pkg.decoder"]
     assert _cycles({m: _edges(m) for m in fake}) == [["pkg.decoder", "pkg.grid"]]
