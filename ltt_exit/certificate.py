@@ -2,9 +2,11 @@
 
 A :class:`Certificate` is what :func:`ltt_exit.certify.certify` returns and what generation under a
 certificate reads back. ``save`` writes it atomically; ``load`` refuses a file that is not valid
-JSON (e.g. truncated), has an unknown ``schema_version``, does not match the JSON Schema
-(:data:`CERTIFICATE_SCHEMA`, published as ``docs/certificate.schema.json``), or whose content
-digest does not match its content.
+JSON (e.g. truncated), holds NaN or Infinity (naming the field), has an unknown ``schema_version``,
+does not match the JSON Schema (:data:`CERTIFICATE_SCHEMA`, published as
+``docs/certificate.schema.json``), whose content digest does not match its content, or whose decision
+does not follow from its own evidence (:mod:`ltt_exit.certify.rederive` recomputes the p-values
+where it can, the certified set, the chosen index and λ; docs/certification.md, "What load re-checks").
 
 The digest is the SHA-256 of the canonical JSON (sorted keys, no whitespace, UTF-8, floats in
 Python's shortest round-trip ``repr``) of every field except ``digest`` itself. It detects
@@ -29,6 +31,7 @@ import numpy as np
 
 from ltt_exit import __version__
 from ltt_exit._atomic import atomic_write_text
+from ltt_exit.validation import InputError, first_non_finite
 
 __all__ = ["Certificate", "CertificateError", "CERTIFICATE_SCHEMA", "SCHEMA_VERSION", "canonical_json"]
 
@@ -36,7 +39,7 @@ __all__ = ["Certificate", "CertificateError", "CERTIFICATE_SCHEMA", "SCHEMA_VERS
 SCHEMA_VERSION = 1
 
 
-class CertificateError(ValueError):
+class CertificateError(InputError):
     """A certificate that is inconsistent, or a file that is not a valid certificate."""
 
 
@@ -281,6 +284,12 @@ class Certificate:
                 f"{source}: unknown certificate schema version {version!r}; this ltt-exit "
                 f"({__version__}) reads version {SCHEMA_VERSION}"
             )
+        non_finite = first_non_finite(data)
+        if non_finite is not None:
+            raise CertificateError(
+                f"{source}: field {non_finite[0]!r} is {non_finite[1]!r}; JSON has no NaN or Infinity and a "
+                "certificate holds finite numbers only"
+            )
         _validate_schema(data, source)
         content = {k: v for k, v in data.items() if k != "digest"}
         # Digest first (an edit gets the clearest message), then the consistency checks.
@@ -291,9 +300,13 @@ class Certificate:
                 f"(stored {data['digest']}, content gives {recomputed}). The digest detects "
                 "changes; it is not a signature. Re-run ltt-calibrate to produce a fresh certificate."
             )
-        certificate = cls(**content)
+        try:
+            certificate = cls(**content)
+        except CertificateError as exc:
+            raise CertificateError(f"{source}: {exc}") from None
         if certificate.digest != recomputed:  # e.g. an integer where a float belongs
             raise CertificateError(f"{source}: the content does not survive normalisation; refusing it")
+        _check_rederivation(data, source)
         return certificate
 
     @classmethod
@@ -335,6 +348,24 @@ class Certificate:
                 f"  0 of {k} candidates certified at δ = {self.delta:g}, ε = {self.epsilon:g}, n = {self.n}; {method}",
             ]
         return "\n".join(lines)
+
+
+def _check_rederivation(data: dict, source: str) -> None:
+    """Refuse a record whose decision does not follow from its own evidence (the digest is no signature)."""
+    from ltt_exit.certify.rederive import disagreements, rederive
+
+    try:
+        problems = disagreements(data, rederive(data))
+    except InputError as exc:
+        raise CertificateError(f"{source}: {exc}; refusing to trust its decision") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # numbers numpy cannot handle, e.g. a 400-digit n
+        raise CertificateError(f"{source}: its evidence cannot be re-derived ({exc}); refusing it") from None
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CertificateError(
+            f"{source}: {problems[0]}{more}. The decision does not follow from the certificate's own evidence; "
+            "the file was edited. Re-run ltt-calibrate."
+        )
 
 
 def _validate_schema(data: dict, source: str) -> None:

@@ -24,6 +24,7 @@ from .outputs import CostAccount, DecodedSequence
 from .pruning import NoPruning, VocabPruning, resolve_pruning
 from .schedule import ThresholdSchedule, check_thresholds
 from .scorers import ConfidenceScorer, ExitView, resolve_scorer
+from ltt_exit.validation import check_attention_mask, check_eos_token_ids, check_token_id_rows, check_token_id_tensor
 
 __all__ = ["EarlyExitDecoder", "CONFIG_SCHEMA_VERSION"]
 
@@ -309,14 +310,8 @@ class EarlyExitDecoder:
         return full, early
 
     def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
-        if eos_token_id is None:
-            return set(self.backend.default_eos_token_ids())
-        if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool):
-            return {eos_token_id}
-        try:
-            return {int(e) for e in eos_token_id}
-        except TypeError:
-            raise TypeError(f"eos_token_id must be an int, a sequence of ints or None, got {eos_token_id!r}") from None
+        eos = check_eos_token_ids(eos_token_id)
+        return set(self.backend.default_eos_token_ids()) if eos is None else eos
 
     def _prepare_prompt(self, prompts, input_ids, attention_mask) -> PromptBatch:
         if (prompts is None) == (input_ids is None):
@@ -332,7 +327,7 @@ class EarlyExitDecoder:
             rows = [list(self.tokenizer(str(p), add_special_tokens=True)["input_ids"]) for p in prompts]
             ids, mask = self._pad(rows)
         elif isinstance(input_ids, torch.Tensor):
-            ids = input_ids
+            ids = check_token_id_tensor(input_ids)
             if ids.ndim == 1:
                 ids = ids.unsqueeze(0)
             if ids.ndim != 2:
@@ -340,7 +335,8 @@ class EarlyExitDecoder:
             if attention_mask is None:
                 mask = torch.ones_like(ids)
             else:
-                mask = attention_mask if attention_mask.ndim == 2 else attention_mask.unsqueeze(0)
+                mask = check_attention_mask(attention_mask)
+                mask = mask if mask.ndim == 2 else mask.unsqueeze(0)
                 if mask.shape != ids.shape:
                     raise ValueError(
                         f"attention_mask shape {tuple(attention_mask.shape)} does not match "
@@ -349,7 +345,7 @@ class EarlyExitDecoder:
         else:
             if attention_mask is not None:
                 raise ValueError("attention_mask goes with an input_ids tensor; token-id lists are padded here")
-            rows = [[int(t) for t in row] for row in input_ids]
+            rows = check_token_id_rows(input_ids)
             ids, mask = self._pad(rows)
         if ids.shape[0] == 0:
             raise ValueError("nothing to decode: the batch is empty")
