@@ -90,9 +90,9 @@ def certify(
         fallback = check_real(fallback_lambda, "fallback_lambda")
         if not check_fallback(fallback, grid, order):
             raise InputError(
-                f"fallback_lambda {fallback!r} is not always safe on this {order} grid: it must be "
-                f"{always_safe_lambda(grid, order)!r} or lie strictly beyond the first candidate {float(grid[0])!r} "
-                "on the conservative side (a certificate's load re-checks this)"
+                f"fallback_lambda {fallback!r} is not always safe on this {order} grid: it must be at least as "
+                f"conservative as {always_safe_lambda(grid, order)!r} ({'>=' if order == 'descending' else '<='} it; "
+                "a certificate's load re-checks this)"
             )
 
     if pvalue_kind.binary_only and not is_binary(matrix):

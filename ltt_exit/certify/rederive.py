@@ -90,15 +90,13 @@ def always_safe_lambda(lambdas: np.ndarray, order: str) -> float:
 
 
 def check_fallback(value: float, lambdas: np.ndarray, order: str) -> bool:
-    """True when ``value`` may stand for "nothing certified" on this grid.
-
-    It must be :func:`always_safe_lambda` or lie strictly beyond the most conservative candidate
-    ``lambdas[0]`` on the conservative side (above it for a descending grid, below it for an
-    ascending one): a value at or past the first candidate, which was not certified, is not safe.
+    """True when ``value`` may stand for "nothing certified" on this grid: it is at least as conservative
+    as :func:`always_safe_lambda` (descending grids: ``value >= max(1, lambdas[0])``, e.g. λ = 2 never
+    exits either; ascending grids: ``value <= min(0, lambdas[0])``). A value between the always-safe one
+    and the grid, or on the grid, would use a threshold that nothing certified.
     """
-    if value == always_safe_lambda(lambdas, order):
-        return True
-    return value > lambdas[0] if order == "descending" else value < lambdas[0]
+    safe = always_safe_lambda(lambdas, order)
+    return value >= safe if order == "descending" else value <= safe
 
 
 def choose(certified: np.ndarray, costs: np.ndarray | None) -> int | None:
@@ -217,7 +215,7 @@ def disagreements(record: Mapping[str, Any], expected: Expected) -> list[str]:
         if off.any():
             j = int(np.flatnonzero(off)[0])
             problems.append(
-                f"field 'pvalues': pvalues[{j}] = {stored[j]!r}, but the {record['pvalue_method']!r} p-value of the "
+                f"field 'pvalues': pvalues[{j}] = {float(stored[j])!r}, but the {record['pvalue_method']!r} p-value of the "
                 f"stored empirical risk {record['empirical_risk'][j]!r} with n = {record['n']} and "
                 f"δ = {record['delta']!r} is {float(expected.pvalues[j])!r}"
             )
