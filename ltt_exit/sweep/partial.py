@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from ltt_exit.validation import InputError
+
 PARTIAL_FORMAT = 1
 
 
-class PartialSweepMismatch(ValueError):
+class PartialSweepMismatch(InputError):
     """The partial file on disk belongs to another sweep configuration."""
 
 
