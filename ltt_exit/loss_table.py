@@ -441,7 +441,7 @@ def _load_csv(path: Path) -> LossTable:
     except StopIteration:
         raise LossTableError(f"{source}: the file is empty (no header row)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as exc:
-        raise LossTableError(f"{source}: cannot parse as CSV: {exc}") from None
+        raise LossTableError(f"{source}: cannot parse as CSV: {_brief(exc)}") from None
     frame.columns = header if len(header) == len(frame.columns) else frame.columns
     return _from_wide(frame, source, _read_sidecar(path))
 
@@ -451,19 +451,22 @@ def _load_parquet(path: Path) -> LossTable:
 
     source = str(path)
     try:
+        # The schema first: pyarrow's table reader fails on duplicate column names with a schema dump.
+        names = list(pq.read_schema(path).names)
+        if len(set(names)) != len(names):
+            duplicate = next(c for c in names if names.count(c) > 1)
+            raise LossTableError(f"{source}: column {duplicate!r} appears more than once; column names must be unique")
         table = pq.read_table(path)
+    except LossTableError:
+        raise
     except Exception as exc:  # pyarrow raises several types for damaged files
-        raise LossTableError(f"{source}: cannot read as Parquet (truncated or corrupted?): {exc}") from None
-    names = list(table.schema.names)
-    if len(set(names)) != len(names):
-        duplicate = next(c for c in names if names.count(c) > 1)
-        raise LossTableError(f"{source}: column {duplicate!r} appears more than once; column names must be unique")
+        raise LossTableError(f"{source}: cannot read as Parquet (truncated or corrupted?): {_brief(exc)}") from None
     raw_meta = table.schema.metadata or {}
     raw_header = raw_meta.get(HEADER_KEY.encode())
     try:
         frame = table.to_pandas()
     except Exception as exc:  # pyarrow types pandas cannot hold; pyarrow raises several kinds
-        raise LossTableError(f"{source}: cannot convert the Parquet columns to a table: {exc}") from None
+        raise LossTableError(f"{source}: cannot convert the Parquet columns to a table: {_brief(exc)}") from None
     if raw_header is None:
         return _from_wide(frame, source, _read_sidecar(path))
     try:
@@ -526,6 +529,12 @@ def _load_parquet(path: Path) -> LossTable:
         raise
     except (ValueError, TypeError) as exc:
         raise LossTableError(f"{source}: {exc}") from None
+
+
+def _brief(exc: BaseException, limit: int = 300) -> str:
+    """A library's error message on one line, cut to ``limit`` characters (pyarrow's can hold a schema dump)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_numeric(series) -> bool:

@@ -58,6 +58,13 @@ def field(source: str, name: str) -> str:
     return f"{source}: field {name!r}"
 
 
+def _item(where: str, index: int) -> str:
+    """Name element ``index`` of ``where``: ``lambdas[2]``, or ``...: field 'lambdas[2]'`` for a quoted field."""
+    if where.endswith("'") and " field '" in where:
+        return f"{where[:-1]}[{index}]'"
+    return f"{where}[{index}]"
+
+
 def _describe(value: Any) -> str:
     text = repr(value)
     if len(text) > 60:
@@ -131,7 +138,7 @@ def check_string_list(value: Any, where: str) -> list[str]:
         raise InputTypeError(f"{where} must be a list of strings; got {_describe(value)}")
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise InputTypeError(f"{where}[{i}] must be a string; got {_describe(item)}")
+            raise InputTypeError(f"{_item(where, i)} must be a string; got {_describe(item)}")
     return list(value)
 
 
@@ -141,7 +148,7 @@ def check_number_list(value: Any, where: str, *, nonempty: bool = True) -> list[
         raise InputTypeError(f"{where} must be a list of numbers; got {_describe(value)}")
     if nonempty and not value:
         raise InputError(f"{where} must not be empty")
-    return [check_real(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    return [check_real(item, _item(where, i)) for i, item in enumerate(value)]
 
 
 def first_non_finite(data: Any, path: str = "") -> tuple[str, float] | None:
