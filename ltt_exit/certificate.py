@@ -57,6 +57,16 @@ CERTIFICATE_SCHEMA: dict[str, Any] = {
         "With probability at least 1 - epsilon over the calibration set, every certified "
         "candidate has expected loss at most delta. Field meanings: docs/certification.md."
     ),
+    "$comment": (
+        "Beyond this schema, loading re-checks (docs/certification.md, 'What load re-checks'): no NaN or "
+        "Infinity anywhere (JSON has none; the field is named); the digest; internal consistency; and the "
+        "decision re-derived from the record's own evidence: pvalue_method and procedure are known names "
+        "with the params the procedure writes, wsr_seed is set exactly for WSR, pvalues are recomputed "
+        "from empirical_risk, n and delta (all but WSR), certified = procedure(pvalues, epsilon), "
+        "chosen_index = the selection rule over certified (lowest cost, else furthest along the grid), "
+        "lambda_hat = lambdas[chosen_index] or, nothing certified, at least as conservative as the "
+        "always-safe value."
+    ),
     "type": "object",
     "additionalProperties": False,
     "required": [
@@ -69,14 +79,14 @@ CERTIFICATE_SCHEMA: dict[str, Any] = {
         "schema_version": {"const": SCHEMA_VERSION, "description": "format version of this file"},
         "ltt_exit_version": {"type": "string", "description": "ltt-exit version that wrote the file"},
         "created_at": {"type": "string", "minLength": 1, "description": "UTC time, ISO 8601"},
-        "lambda_hat": {"type": "number", "description": "the chosen λ (the always-safe fallback when nothing is certified)"},
+        "lambda_hat": {"type": "number", "description": "the chosen λ = lambdas[chosen_index]; when nothing is certified a value at least as conservative as the always-safe one"},
         "certified_any": {"type": "boolean"},
         "chosen_index": {"type": ["integer", "null"], "minimum": 0, "description": "grid position of lambda_hat; null when nothing is certified"},
         "reason": {"type": ["string", "null"], "description": "why nothing was certified; null otherwise"},
         "delta": {**_open_unit, "description": "risk tolerance δ"},
         "epsilon": {**_open_unit, "description": "allowed failure probability ε"},
         "n": {"type": "integer", "minimum": 1, "description": "number of calibration examples"},
-        "pvalue_method": {"type": "string", "minLength": 1},
+        "pvalue_method": {"type": "string", "minLength": 1, "description": "canonical name of the p-value (binomial, hoeffding, hoeffding-kl, bentkus, hoeffding-bentkus, wsr); load refuses unknown names and aliases"},
         "procedure": {
             "type": "object",
             "additionalProperties": False,
@@ -86,8 +96,8 @@ CERTIFICATE_SCHEMA: dict[str, Any] = {
         "order": {"enum": ["descending", "ascending"], "description": "a-priori grid order, most conservative first"},
         "lambdas": {**_number_array, "description": "candidate grid in its a-priori order"},
         "empirical_risk": {**_unit_array, "description": "mean loss per candidate"},
-        "pvalues": {**_unit_array, "description": "p-value of H_j: E[L(λ_j)] > δ per candidate"},
-        "certified": {"type": "array", "items": {"type": "boolean"}, "minItems": 1},
+        "pvalues": {**_unit_array, "description": "p-value of H_j: E[L(λ_j)] > δ per candidate; load recomputes them from empirical_risk, n and delta (all methods but WSR)"},
+        "certified": {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "description": "the procedure's rejections at epsilon; load re-derives them from pvalues"},
         "costs": {"anyOf": [_number_array, {"type": "null"}], "description": "per-candidate cost used to choose λ, or null"},
         "wsr_seed": {"type": ["integer", "null"], "minimum": 0, "description": "seed of the example shuffle (WSR only)"},
         "metadata": {"type": "object", "description": "free-form: model and tokenizer fingerprints, decoder configuration, dataset fingerprint, ..."},
