@@ -378,10 +378,8 @@ def _from_wide(frame, source: str, sidecar: dict | None) -> LossTable:
             metadata,
             order=sidecar.get("order", metadata.get("order", "descending")),
         )
-    except LossTableError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise LossTableError(f"{source}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # LossTable's own checks (LossTableError too), not yet naming the file
+        raise LossTableError(f"{source}: {_brief(exc)}") from None
 
 
 def _read_sidecar(path: Path) -> dict | None:
@@ -447,6 +445,7 @@ def _load_csv(path: Path) -> LossTable:
 
 
 def _load_parquet(path: Path) -> LossTable:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     source = str(path)
@@ -525,10 +524,8 @@ def _load_parquet(path: Path) -> LossTable:
             example_columns={name: _column_values(frame[name]) for name in header["example_columns"]},
             order=header["order"],
         )
-    except LossTableError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise LossTableError(f"{source}: {exc}") from None
+    except (ValueError, TypeError, pa.ArrowException) as exc:  # LossTable's checks; pyarrow: e.g. invalid UTF-8
+        raise LossTableError(f"{source}: {_brief(exc)}") from None
 
 
 def _brief(exc: BaseException, limit: int = 300) -> str:

@@ -83,7 +83,10 @@ def check_real(value: Any, where: str, *, finite: bool = True, minimum: float | 
     a string. ``finite`` refuses NaN and ±inf; ``minimum`` / ``maximum`` are inclusive bounds."""
     if _is_bool(value) or not isinstance(value, numbers.Real):
         raise InputTypeError(f"{where} must be a real number; got {_describe(value)}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        raise InputError(f"{where} must be a finite number; got an integer of {len(str(abs(int(value))))} digits") from None
     if math.isnan(number) or (finite and math.isinf(number)):
         raise InputError(f"{where} must be a finite number; got {number!r}")
     if minimum is not None and number < minimum:
