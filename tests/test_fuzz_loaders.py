@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ltt_exit.certificate import Certificate, CertificateError
@@ -136,13 +136,55 @@ def _with_digest(data):
     return data
 
 
+unit = st.floats(0, 1)
+
+
+@st.composite
+def forged(draw, record):
+    """In-range edits that pass the JSON Schema, so that the re-derivation has to catch them."""
+    data = copy.deepcopy(record)
+    k = len(data["lambdas"])
+    for _ in range(draw(st.integers(1, 3))):
+        name = draw(st.sampled_from(["epsilon", "delta", "pvalues", "empirical_risk", "certified", "chosen_index",
+                                     "lambda_hat", "n", "costs", "procedure", "pvalue_method", "wsr_seed"]))
+        j = draw(st.integers(0, k - 1))
+        if name in ("epsilon", "delta"):
+            data[name] = draw(st.floats(1e-12, 1 - 1e-12))
+        elif name in ("pvalues", "empirical_risk"):
+            data[name][j] = draw(unit)
+        elif name == "certified":
+            data[name][j] = not data[name][j]
+            data["certified_any"] = any(data[name])
+        elif name == "chosen_index":
+            data[name] = draw(st.one_of(st.none(), st.integers(0, k - 1)))
+            data["lambda_hat"] = data["lambdas"][data[name]] if data[name] is not None else data["lambda_hat"]
+        elif name == "lambda_hat":
+            data[name] = draw(st.one_of(st.sampled_from(data["lambdas"]), st.floats(-2, 3)))
+        elif name == "n":
+            data[name] = draw(st.integers(1, 10**6))
+        elif name == "costs":
+            data[name] = None if data[name] is not None else draw(st.lists(st.floats(0, 10), min_size=k, max_size=k))
+        elif name == "procedure":
+            data[name] = draw(st.sampled_from([{"name": "fixed-sequence", "params": {}}, {"name": "holm", "params": {}},
+                                               {"name": "bonferroni", "params": {}},
+                                               {"name": "multi-start", "params": {"starts": 2, "start_indices": [0, 2]}}]))
+        elif name == "pvalue_method":
+            data[name] = draw(st.sampled_from(["binomial", "hoeffding", "hoeffding-kl", "bentkus", "hoeffding-bentkus",
+                                               "wsr", "hb"]))
+        else:
+            data[name] = draw(st.one_of(st.none(), st.integers(0, 5)))
+    return _with_digest(data)
+
+
 @st.composite
 def certificate_files(draw):
     base = draw(st.sampled_from(CERTIFICATES))
     text = base.to_json()
-    kind = draw(st.sampled_from(["bytes", "json", "json+digest", "json+digest"]))
+    kind = draw(st.sampled_from(["bytes", "json", "json+digest", "forged", "forged"]))
     if kind == "bytes":
         return draw(damaged_bytes(text.encode("utf-8")))
+    if kind == "forged":
+        return json.dumps(draw(forged(json.loads(text)))).encode("utf-8")
     data = draw(mutated(json.loads(text)))
     if kind == "json+digest":
         data = _with_digest(data)
@@ -159,7 +201,12 @@ def test_certificate_load_accepts_valid_or_raises_certificate_error(tmp_path_fac
     except CertificateError as error:
         message = str(error)
         assert str(path) in message and "\n" not in message
+        stages = [("not valid JSON", "JSON"), ("NaN or Infinity", "NaN/inf"), ("schema version", "version"),
+                  ("schema", "schema"), ("digest mismatch", "digest"), ("does not follow", "re-derivation"),
+                  ("refusing to trust", "re-derivation")]
+        event("refused at " + next((stage for text, stage in stages if text in message), "consistency"))
         return
+    event("accepted")
     # accepted: it must be a certificate that re-saves and re-loads unchanged
     again = path.with_name("again.json")
     loaded.save(again)
