@@ -340,8 +340,6 @@ def _parse_lambda(header: str, source: str) -> float:
 
 def _from_wide(frame, source: str, sidecar: dict | None) -> LossTable:
     """A plain wide loss matrix (optional example_id + λ-named columns) → LossTable."""
-    import pandas as pd
-
     columns = [str(c) for c in frame.columns]
     if len(frame) == 0:
         raise LossTableError(f"{source}: the table has no rows: no examples (n = 0)")

@@ -224,6 +224,8 @@ def test_report_bad_input_is_one_line_and_status_2(tmp_path, capsys):
     assert_one_line(capsys.readouterr().err, "ltt-report: error:", "missing.parquet")
     assert report_main([str(path), "--epsilon", "nan"]) == 2
     assert_one_line(capsys.readouterr().err, "ltt-report: error:", "ε")
+    assert report_main([str(path), "--seed", "-1"]) == 2
+    assert_one_line(capsys.readouterr().err, "ltt-report: error:", "--seed")
     assert not (tmp_path / "r").exists()
 
 

@@ -51,6 +51,8 @@ def _main(argv) -> int:
             raise CLIError(f"--deltas: δ must be in (0, 1), got {delta}")
     if not 0.0 < args.epsilon < 1.0:
         raise CLIError(f"--epsilon: ε must be in (0, 1), got {args.epsilon}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be a non-negative integer, got {args.seed}")
     if args.out.exists() and not args.out.is_dir():
         raise CLIError(f"--out {str(args.out)!r} is a file; give a folder for the report")
     table = LossTable.load(args.table)
