@@ -5,11 +5,11 @@ message that says what was wrong and what is expected.
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import numpy as np
 
+from ltt_exit import validation
 from ltt_exit.validation import InputError, InputTypeError, check_whole
 
 ORDERS = ("descending", "ascending")
@@ -133,19 +133,15 @@ def as_grid(lambdas, n_candidates: int | None, order: str, *, name: str = "lambd
 
 
 def check_open_unit(value, name: str) -> float:
-    """Return ``value`` as float, requiring a real number strictly between 0 and 1."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number strictly between 0 and 1; got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and 0.0 < value < 1.0):
-        raise ValueError(f"{name} must be strictly between 0 and 1; got {value!r}")
-    return value
+    """Return ``value`` as float, requiring a real number strictly between 0 and 1 (δ, ε)."""
+    return validation.check_open_unit(value, name)
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise TypeError(f"seed must be a non-negative integer; got {seed!r}")
-    return int(seed)
+    """A non-negative whole number of any integer type (a bool or a float is refused)."""
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)) and seed < 0:
+        raise InputTypeError(f"seed must be a non-negative integer; got {seed!r}")  # a TypeError, as before
+    return validation.check_whole(seed, "seed", minimum=0)
 
 
 def is_binary(losses: np.ndarray) -> bool:
