@@ -1,7 +1,9 @@
 """Input checks shared by the certification core, the loss table and the certificate.
 
-Each check either returns a clean numpy value or raises ``ValueError`` / ``TypeError`` with a
-message that says what was wrong and what is expected.
+Each check either returns a clean numpy value or raises ``InputError`` / ``InputTypeError`` (a
+``ValueError`` / ``TypeError``; :mod:`ltt_exit.validation`) with a message that says what was wrong
+and what is expected. Scalar checks delegate to :mod:`ltt_exit.validation`; the array checks here are
+the vectorised ones.
 """
 from __future__ import annotations
 
