@@ -6,12 +6,12 @@ from typing import Any
 import numpy as np
 
 from ltt_exit.certificate import Certificate
+from ltt_exit.validation import InputError, check_real
 
 from ._checks import as_grid, as_loss_matrix, check_open_unit, check_order, check_seed, is_binary
 from .procedures import FixedSequence, Procedure, get_procedure
 from .pvalues import PValue, RiskPValue, get_pvalue
 from .rederive import always_safe_lambda, check_fallback, choose
-from ltt_exit.validation import InputError, check_real
 
 __all__ = ["certify", "always_safe_lambda"]
 

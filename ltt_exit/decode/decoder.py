@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
+from ltt_exit.validation import check_attention_mask, check_eos_token_ids, check_token_id_rows, check_token_id_tensor
+
 from .backends import ExitBackend, PromptBatch, backend_for
 from .outputs import CostAccount, DecodedSequence
 from .pruning import NoPruning, VocabPruning, resolve_pruning
 from .schedule import ThresholdSchedule, check_thresholds
 from .scorers import ConfidenceScorer, ExitView, resolve_scorer
-from ltt_exit.validation import check_attention_mask, check_eos_token_ids, check_token_id_rows, check_token_id_tensor
 
 __all__ = ["EarlyExitDecoder", "CONFIG_SCHEMA_VERSION"]
 
