@@ -26,7 +26,8 @@ from ltt_exit.certificate import Certificate
 from ltt_exit.loss_table import LossTable
 from ltt_exit.sweep.partial import PartialSweep
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
+pytestmark = [pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL"),
+              pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 5  # per test; each kill starts a fresh Python process

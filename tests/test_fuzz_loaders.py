@@ -29,6 +29,9 @@ from ltt_exit.loss_table import HEADER_KEY, SIDECAR_SUFFIX, LossTable, LossTable
 from ltt_exit.recipes import load_recipe
 from ltt_exit.recipes.recipe import Recipe
 
+#: a hard bound per suite for CI (each takes a few seconds on 2 cores)
+pytestmark = pytest.mark.timeout(120)
+
 FUZZ = settings(
     max_examples=300,
     deadline=None,
