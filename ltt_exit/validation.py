@@ -258,7 +258,15 @@ def check_thresholds(threshold: Any, batch_size: int, where: str = "threshold") 
     def one(value, name):
         if getattr(value, "ndim", None) == 0 and hasattr(value, "item") and not isinstance(value, numbers.Number):
             value = value.item()  # a 0-d tensor or array; a bool one comes out as bool and is refused
-        return check_real(value, name, finite=False, minimum=0.0)
+        if _is_bool(value) or not isinstance(value, numbers.Real):
+            raise InputTypeError(f"{name} must be a real number; got {_describe(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer with hundreds of digits: as good as ±inf here
+            number = math.copysign(math.inf, value)
+        if not number >= 0.0:  # NaN fails this too
+            raise InputError(f"{name} must be >= 0 (and not NaN); got {number!r}")
+        return number
 
     if isinstance(threshold, numbers.Number) or getattr(threshold, "ndim", None) == 0:
         return [one(threshold, where)] * batch_size
