@@ -2,9 +2,11 @@
 
 A :class:`Certificate` is what :func:`ltt_exit.certify.certify` returns and what generation under a
 certificate reads back. ``save`` writes it atomically; ``load`` refuses a file that is not valid
-JSON (e.g. truncated), has an unknown ``schema_version``, does not match the JSON Schema
-(:data:`CERTIFICATE_SCHEMA`, published as ``docs/certificate.schema.json``), or whose content
-digest does not match its content.
+JSON (e.g. truncated), holds NaN or Infinity (naming the field), has an unknown ``schema_version``,
+does not match the JSON Schema (:data:`CERTIFICATE_SCHEMA`, published as
+``docs/certificate.schema.json``), whose content digest does not match its content, or whose decision
+does not follow from its own evidence (:mod:`ltt_exit.certify.rederive` recomputes the p-values
+where it can, the certified set, the chosen index and λ; docs/certification.md, "What load re-checks").
 
 The digest is the SHA-256 of the canonical JSON (sorted keys, no whitespace, UTF-8, floats in
 Python's shortest round-trip ``repr``) of every field except ``digest`` itself. It detects
@@ -29,6 +31,7 @@ import numpy as np
 
 from ltt_exit import __version__
 from ltt_exit._atomic import atomic_write_text
+from ltt_exit.validation import InputError, first_non_finite
 
 __all__ = ["Certificate", "CertificateError", "CERTIFICATE_SCHEMA", "SCHEMA_VERSION", "canonical_json"]
 
@@ -36,7 +39,7 @@ __all__ = ["Certificate", "CertificateError", "CERTIFICATE_SCHEMA", "SCHEMA_VERS
 SCHEMA_VERSION = 1
 
 
-class CertificateError(ValueError):
+class CertificateError(InputError):
     """A certificate that is inconsistent, or a file that is not a valid certificate."""
 
 
@@ -54,6 +57,16 @@ CERTIFICATE_SCHEMA: dict[str, Any] = {
         "With probability at least 1 - epsilon over the calibration set, every certified "
         "candidate has expected loss at most delta. Field meanings: docs/certification.md."
     ),
+    "$comment": (
+        "Beyond this schema, loading re-checks (docs/certification.md, 'What load re-checks'): no NaN or "
+        "Infinity anywhere (JSON has none; the field is named); the digest; internal consistency; and the "
+        "decision re-derived from the record's own evidence: pvalue_method and procedure are known names "
+        "with the params the procedure writes, wsr_seed is set exactly for WSR, pvalues are recomputed "
+        "from empirical_risk, n and delta (all but WSR), certified = procedure(pvalues, epsilon), "
+        "chosen_index = the selection rule over certified (lowest cost, else furthest along the grid), "
+        "lambda_hat = lambdas[chosen_index] or, nothing certified, at least as conservative as the "
+        "always-safe value."
+    ),
     "type": "object",
     "additionalProperties": False,
     "required": [
@@ -66,14 +79,14 @@ CERTIFICATE_SCHEMA: dict[str, Any] = {
         "schema_version": {"const": SCHEMA_VERSION, "description": "format version of this file"},
         "ltt_exit_version": {"type": "string", "description": "ltt-exit version that wrote the file"},
         "created_at": {"type": "string", "minLength": 1, "description": "UTC time, ISO 8601"},
-        "lambda_hat": {"type": "number", "description": "the chosen λ (the always-safe fallback when nothing is certified)"},
+        "lambda_hat": {"type": "number", "description": "the chosen λ = lambdas[chosen_index]; when nothing is certified a value at least as conservative as the always-safe one"},
         "certified_any": {"type": "boolean"},
         "chosen_index": {"type": ["integer", "null"], "minimum": 0, "description": "grid position of lambda_hat; null when nothing is certified"},
         "reason": {"type": ["string", "null"], "description": "why nothing was certified; null otherwise"},
         "delta": {**_open_unit, "description": "risk tolerance δ"},
         "epsilon": {**_open_unit, "description": "allowed failure probability ε"},
         "n": {"type": "integer", "minimum": 1, "description": "number of calibration examples"},
-        "pvalue_method": {"type": "string", "minLength": 1},
+        "pvalue_method": {"type": "string", "minLength": 1, "description": "canonical name of the p-value (binomial, hoeffding, hoeffding-kl, bentkus, hoeffding-bentkus, wsr); load refuses unknown names and aliases"},
         "procedure": {
             "type": "object",
             "additionalProperties": False,
@@ -83,8 +96,8 @@ CERTIFICATE_SCHEMA: dict[str, Any] = {
         "order": {"enum": ["descending", "ascending"], "description": "a-priori grid order, most conservative first"},
         "lambdas": {**_number_array, "description": "candidate grid in its a-priori order"},
         "empirical_risk": {**_unit_array, "description": "mean loss per candidate"},
-        "pvalues": {**_unit_array, "description": "p-value of H_j: E[L(λ_j)] > δ per candidate"},
-        "certified": {"type": "array", "items": {"type": "boolean"}, "minItems": 1},
+        "pvalues": {**_unit_array, "description": "p-value of H_j: E[L(λ_j)] > δ per candidate; load recomputes them from empirical_risk, n and delta (all methods but WSR)"},
+        "certified": {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "description": "the procedure's rejections at epsilon; load re-derives them from pvalues"},
         "costs": {"anyOf": [_number_array, {"type": "null"}], "description": "per-candidate cost used to choose λ, or null"},
         "wsr_seed": {"type": ["integer", "null"], "minimum": 0, "description": "seed of the example shuffle (WSR only)"},
         "metadata": {"type": "object", "description": "free-form: model and tokenizer fingerprints, decoder configuration, dataset fingerprint, ..."},
@@ -281,6 +294,12 @@ class Certificate:
                 f"{source}: unknown certificate schema version {version!r}; this ltt-exit "
                 f"({__version__}) reads version {SCHEMA_VERSION}"
             )
+        non_finite = first_non_finite(data)
+        if non_finite is not None:
+            raise CertificateError(
+                f"{source}: field {non_finite[0]!r} is {non_finite[1]!r}; JSON has no NaN or Infinity and a "
+                "certificate holds finite numbers only"
+            )
         _validate_schema(data, source)
         content = {k: v for k, v in data.items() if k != "digest"}
         # Digest first (an edit gets the clearest message), then the consistency checks.
@@ -291,9 +310,13 @@ class Certificate:
                 f"(stored {data['digest']}, content gives {recomputed}). The digest detects "
                 "changes; it is not a signature. Re-run ltt-calibrate to produce a fresh certificate."
             )
-        certificate = cls(**content)
+        try:
+            certificate = cls(**content)
+        except CertificateError as exc:
+            raise CertificateError(f"{source}: {exc}") from None
         if certificate.digest != recomputed:  # e.g. an integer where a float belongs
             raise CertificateError(f"{source}: the content does not survive normalisation; refusing it")
+        _check_rederivation(data, source)
         return certificate
 
     @classmethod
@@ -335,6 +358,24 @@ class Certificate:
                 f"  0 of {k} candidates certified at δ = {self.delta:g}, ε = {self.epsilon:g}, n = {self.n}; {method}",
             ]
         return "\n".join(lines)
+
+
+def _check_rederivation(data: dict, source: str) -> None:
+    """Refuse a record whose decision does not follow from its own evidence (the digest is no signature)."""
+    from ltt_exit.certify.rederive import disagreements, rederive
+
+    try:
+        problems = disagreements(data, rederive(data))
+    except InputError as exc:
+        raise CertificateError(f"{source}: {exc}; refusing to trust its decision") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # numbers numpy cannot handle, e.g. a 400-digit n
+        raise CertificateError(f"{source}: its evidence cannot be re-derived ({exc}); refusing it") from None
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CertificateError(
+            f"{source}: {problems[0]}{more}. The decision does not follow from the certificate's own evidence; "
+            "the file was edited. Re-run ltt-calibrate."
+        )
 
 
 def _validate_schema(data: dict, source: str) -> None:

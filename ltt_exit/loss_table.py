@@ -32,6 +32,15 @@ import numpy as np
 
 from ltt_exit._atomic import atomic_path
 from ltt_exit.certify._checks import ORDERS, as_grid, as_loss_matrix
+from ltt_exit.validation import (
+    InputError,
+    check_json_object,
+    check_number_list,
+    check_string,
+    check_string_list,
+    check_whole,
+    field,
+)
 
 __all__ = ["LossTable", "LossTableError", "FORMAT_VERSION", "HEADER_KEY", "SIDECAR_SUFFIX"]
 
@@ -48,7 +57,7 @@ _SEP = "@"
 _SIDECAR_KEYS = {"format_version", "order", "metric", "metadata", "lambdas"}
 
 
-class LossTableError(ValueError):
+class LossTableError(InputError):
     """A loss table that is inconsistent, or a file that is not a readable loss table."""
 
 
@@ -331,8 +340,6 @@ def _parse_lambda(header: str, source: str) -> float:
 
 def _from_wide(frame, source: str, sidecar: dict | None) -> LossTable:
     """A plain wide loss matrix (optional example_id + λ-named columns) → LossTable."""
-    import pandas as pd
-
     columns = [str(c) for c in frame.columns]
     if len(frame) == 0:
         raise LossTableError(f"{source}: the table has no rows: no examples (n = 0)")
@@ -342,18 +349,19 @@ def _from_wide(frame, source: str, sidecar: dict | None) -> LossTable:
     ids = None
     if _ID in columns:
         ids = frame[_ID].tolist()
-        if any(not isinstance(i, str) for i in ids):
-            raise LossTableError(f"{source}: example_id has missing values")
+        bad = next((i for i in ids if not isinstance(i, str)), None)
+        if bad is not None or any(not isinstance(i, str) for i in ids):
+            raise LossTableError(f"{source}: column 'example_id' must hold strings with no missing values; found {bad!r}")
     lambda_columns = [c for c in columns if c != _ID]
     lambdas = [_parse_lambda(c, source) for c in lambda_columns]
     if not lambda_columns:
         raise LossTableError(f"{source}: no λ columns: the candidate grid is empty")
     values = frame[lambda_columns]
-    non_numeric = [c for c in lambda_columns if not pd.api.types.is_numeric_dtype(values[c])]
+    non_numeric = [c for c in lambda_columns if not _is_numeric(values[c])]
     if non_numeric:
         raise LossTableError(f"{source}: column {non_numeric[0]!r} holds non-numeric values; losses must be numbers in [0, 1]")
     sidecar = sidecar or {}
-    if "lambdas" in sidecar and [float(v) for v in sidecar["lambdas"]] != lambdas:
+    if "lambdas" in sidecar and sidecar["lambdas"] != lambdas:
         raise LossTableError(
             f"{source}: the column headers give λ = {lambdas} but the sidecar declares {sidecar['lambdas']}"
         )
@@ -368,10 +376,8 @@ def _from_wide(frame, source: str, sidecar: dict | None) -> LossTable:
             metadata,
             order=sidecar.get("order", metadata.get("order", "descending")),
         )
-    except LossTableError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise LossTableError(f"{source}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # LossTable's own checks (LossTableError too), not yet naming the file
+        raise LossTableError(f"{source}: {_brief(exc)}") from None
 
 
 def _read_sidecar(path: Path) -> dict | None:
@@ -383,59 +389,102 @@ def _read_sidecar(path: Path) -> dict | None:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LossTableError(f"sidecar {str(sidecar_path)!r} is not valid JSON: {exc}") from None
     if not isinstance(sidecar, dict):
-        raise LossTableError(f"sidecar {str(sidecar_path)!r} must hold a JSON object")
+        raise LossTableError(f"sidecar {str(sidecar_path)!r} must hold a JSON object; got {type(sidecar).__name__}")
     unknown = set(sidecar) - _SIDECAR_KEYS
     if unknown:
         raise LossTableError(f"sidecar {str(sidecar_path)!r} has unknown keys {sorted(unknown)}; allowed: {sorted(_SIDECAR_KEYS)}")
     version = sidecar.get("format_version", FORMAT_VERSION)
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise LossTableError(f"sidecar {str(sidecar_path)!r}: unknown format_version {version!r}; this ltt-exit reads {FORMAT_VERSION}")
-    return sidecar
+    return _checked_fields(sidecar, f"sidecar {str(sidecar_path)!r}")
+
+
+def _checked_fields(record: dict, source: str) -> dict:
+    """Type-check the header / sidecar fields that are present; messages name ``source`` and the field."""
+    out = dict(record)
+    try:
+        if "lambdas" in record:
+            out["lambdas"] = check_number_list(record["lambdas"], field(source, "lambdas"))
+        if "order" in record:
+            order = check_string(record["order"], field(source, "order"))
+            if order not in ORDERS:
+                raise LossTableError(f"{field(source, 'order')} must be one of {ORDERS}; got {order!r}")
+        if "metric" in record:
+            check_string(record["metric"], field(source, "metric"), allow_none=True)
+        if "metadata" in record and record["metadata"] is not None:
+            out["metadata"] = check_json_object(record["metadata"], field(source, "metadata"))
+        for name in ("candidate_columns", "example_columns", "loss_columns"):
+            if name in record:
+                out[name] = check_string_list(record[name], field(source, name))
+        for name in ("n", "K"):
+            if name in record:
+                check_whole(record[name], field(source, name), minimum=0)
+    except LossTableError:
+        raise
+    except InputError as exc:
+        raise LossTableError(str(exc)) from None
+    return out
 
 
 def _load_csv(path: Path) -> LossTable:
     import pandas as pd
 
     source = str(path)
-    with open(path, newline="", encoding="utf-8") as handle:
-        try:
-            header = next(csv.reader(handle))
-        except StopIteration:
-            raise LossTableError(f"{source}: the file is empty (no header row)") from None
     try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle))
         frame = pd.read_csv(path, dtype={_ID: str}, keep_default_na=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise LossTableError(f"{source}: cannot parse as CSV: {exc}") from None
+    except StopIteration:
+        raise LossTableError(f"{source}: the file is empty (no header row)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, csv.Error) as exc:
+        raise LossTableError(f"{source}: cannot parse as CSV: {_brief(exc)}") from None
     frame.columns = header if len(header) == len(frame.columns) else frame.columns
     return _from_wide(frame, source, _read_sidecar(path))
 
 
 def _load_parquet(path: Path) -> LossTable:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     source = str(path)
     try:
+        # The schema first: pyarrow's table reader fails on duplicate column names with a schema dump.
+        names = list(pq.read_schema(path).names)
+        if len(set(names)) != len(names):
+            duplicate = next(c for c in names if names.count(c) > 1)
+            raise LossTableError(f"{source}: column {duplicate!r} appears more than once; column names must be unique")
         table = pq.read_table(path)
+    except LossTableError:
+        raise
     except Exception as exc:  # pyarrow raises several types for damaged files
-        raise LossTableError(f"{source}: cannot read as Parquet (truncated or corrupted?): {exc}") from None
+        raise LossTableError(f"{source}: cannot read as Parquet (truncated or corrupted?): {_brief(exc)}") from None
     raw_meta = table.schema.metadata or {}
     raw_header = raw_meta.get(HEADER_KEY.encode())
-    frame = table.to_pandas()
+    try:
+        frame = table.to_pandas()
+    except Exception as exc:  # pyarrow types pandas cannot hold; pyarrow raises several kinds
+        raise LossTableError(f"{source}: cannot convert the Parquet columns to a table: {_brief(exc)}") from None
     if raw_header is None:
         return _from_wide(frame, source, _read_sidecar(path))
     try:
         header = json.loads(raw_header)
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LossTableError(f"{source}: the loss-table header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise LossTableError(
+            f"{source}: the loss-table header ({HEADER_KEY!r} in the Parquet metadata) must be a JSON object; "
+            f"got {type(header).__name__}"
+        )
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise LossTableError(f"{source}: unknown loss-table format_version {version!r}; this ltt-exit reads {FORMAT_VERSION}")
     for key in ("lambdas", "order", "candidate_columns", "example_columns", "metadata"):
         if key not in header:
             raise LossTableError(f"{source}: the loss-table header lacks {key!r}")
+    header = _checked_fields(header, f"{source}: header")
+    if header["metadata"] is None:
+        raise LossTableError(f"{field(source + ': header', 'metadata')} must be a JSON object; got None")
     lambdas = header["lambdas"]
-    if not isinstance(lambdas, list) or not lambdas:
-        raise LossTableError(f"{source}: the header's lambdas must be a non-empty list")
     expected_losses = [_column_name(_LOSS, lam) for lam in lambdas]
     expected = [_ID] + list(header["example_columns"]) + expected_losses + [
         _column_name(name, lam) for name in header["candidate_columns"] for lam in lambdas
@@ -451,6 +500,9 @@ def _load_parquet(path: Path) -> LossTable:
         raise LossTableError(
             f"{source}: the columns do not match the header's grid of {len(lambdas)} λ values ({detail})"
         )
+    for name in expected_losses:
+        if not _is_numeric(frame[name]):
+            raise LossTableError(f"{source}: column {name!r} holds {frame[name].dtype} values; losses must be numbers in [0, 1]")
     n = len(frame)
     if header.get("n", n) != n or header.get("K", len(lambdas)) != len(lambdas):
         raise LossTableError(
@@ -470,10 +522,20 @@ def _load_parquet(path: Path) -> LossTable:
             example_columns={name: _column_values(frame[name]) for name in header["example_columns"]},
             order=header["order"],
         )
-    except LossTableError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise LossTableError(f"{source}: {exc}") from None
+    except (ValueError, TypeError, pa.ArrowException) as exc:  # LossTable's checks; pyarrow: e.g. invalid UTF-8
+        raise LossTableError(f"{source}: {_brief(exc)}") from None
+
+
+def _brief(exc: BaseException, limit: int = 300) -> str:
+    """A library's error message on one line, cut to ``limit`` characters (pyarrow's can hold a schema dump)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_numeric(series) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_complex_dtype(series)
 
 
 def _column_values(series) -> np.ndarray:

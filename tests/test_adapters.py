@@ -602,7 +602,7 @@ def test_cli_help_teaches_and_the_cli_refuses_then_fits(tmp_path, capsys):
     common = ["--model", str(folder), "--recipe", str(recipe), "--data-files", str(data), "--size", "6",
               "--quiet", "--device", "cpu"]
     out = tmp_path / "a.safetensors"
-    assert main(common + ["--out", str(out)]) == 3
+    assert main(common + ["--out", str(out)]) == 2
     assert "refused" in capsys.readouterr().err and not out.exists()
     assert main(common + ["--out", str(out), "--batch-prompts", "0"]) == 2
     assert "--batch-prompts" in capsys.readouterr().err and not out.exists()

@@ -70,7 +70,11 @@ def test_fallback_uses_grid_start_when_above_one_and_ascending_rule():
     assert certify(losses, [0.99, 0.9, 0.8], 0.1, 0.05).lambda_hat == 1.0
     assert certify(losses, [0.1, 0.2, 0.3], 0.1, 0.05, order="ascending").lambda_hat == 0.0
     assert certify(losses, [-1.0, 0.2, 0.3], 0.1, 0.05, order="ascending").lambda_hat == -1.0
-    assert certify(losses, [0.1, 0.2, 0.3], 0.1, 0.05, order="ascending", fallback_lambda=7.0).lambda_hat == 7.0
+    assert certify(losses, [0.1, 0.2, 0.3], 0.1, 0.05, order="ascending", fallback_lambda=-7.0).lambda_hat == -7.0
+    # a fallback at or past the (uncertified) first candidate is not safe; load would refuse it too
+    for unsafe in (7.0, 0.1, 0.15, 0.05):
+        with pytest.raises(ValueError, match="fallback_lambda .* not always safe"):
+            certify(losses, [0.1, 0.2, 0.3], 0.1, 0.05, order="ascending", fallback_lambda=unsafe)
 
 
 def test_ascending_grid_certifies_along_its_order():

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ltt_exit.certificate import Certificate
+from ltt_exit.validation import InputError
 
 __all__ = ["CertificateMismatch", "CertifiedDecoder", "certified_exit_adapters", "decoder_settings", "config_differences"]
 
 
-class CertificateMismatch(ValueError):
+class CertificateMismatch(InputError):
     """The model or decoder configuration at hand is not the one the certificate was made for."""
 
 

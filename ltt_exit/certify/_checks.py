@@ -1,14 +1,18 @@
 """Input checks shared by the certification core, the loss table and the certificate.
 
-Each check either returns a clean numpy value or raises ``ValueError`` / ``TypeError`` with a
-message that says what was wrong and what is expected.
+Each check either returns a clean numpy value or raises ``InputError`` / ``InputTypeError`` (a
+``ValueError`` / ``TypeError``; :mod:`ltt_exit.validation`) with a message that says what was wrong
+and what is expected. Scalar checks delegate to :mod:`ltt_exit.validation`; the array checks here are
+the vectorised ones.
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import numpy as np
+
+from ltt_exit import validation
+from ltt_exit.validation import InputError, InputTypeError, check_whole
 
 ORDERS = ("descending", "ascending")
 
@@ -19,10 +23,7 @@ def as_loss_matrix(losses, *, name: str = "losses") -> np.ndarray:
     Raises on: non-numeric data, wrong number of dimensions, n = 0, zero candidates, NaN, ±inf,
     values outside [0, 1]. The message names the first offending example and candidate.
     """
-    try:
-        matrix = np.asarray(losses, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be numeric (an array of floats in [0, 1]); {exc}") from None
+    matrix = as_real_array(losses, name)
     if matrix.ndim != 2:
         raise ValueError(
             f"{name} must be a 2-D array of shape (n_examples, n_candidates); got shape {matrix.shape}"
@@ -49,6 +50,41 @@ def as_loss_matrix(losses, *, name: str = "losses") -> np.ndarray:
             f"{name} must lie in [0, 1]; found {matrix[i, j]!r} at example {i}, candidate {j}"
         )
     return matrix
+
+
+def as_real_array(values, name: str) -> np.ndarray:
+    """``values`` as a float64 array, refusing what a cast would silently change: complex numbers (the
+    imaginary part would be dropped), strings ("0.5" is not a loss) and other non-numeric objects."""
+    try:
+        raw = np.asarray(values)
+    except (TypeError, ValueError) as exc:  # ragged nested lists
+        raise InputTypeError(f"{name} must be a numeric array; {exc}") from None
+    if raw.dtype.kind == "c":
+        raise InputTypeError(f"{name} must be real numbers; got complex values ({raw.dtype})")
+    if raw.dtype.kind not in "biuf":
+        if raw.dtype.kind == "O" and all(
+            isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in raw.reshape(-1)
+        ):
+            return raw.astype(np.float64)
+        raise InputTypeError(f"{name} must be numeric (real numbers); got an array of {raw.dtype}")
+    return raw.astype(np.float64, copy=False)
+
+
+def check_counts(n, name: str = "n"):
+    """Example counts: a whole number >= 1, or an array of them (float arrays with whole values are
+    accepted for simulations). Refuses bools, fractions, NaN and ±inf instead of returning NaN p-values."""
+    if np.ndim(n) == 0:
+        if isinstance(n, np.ndarray):
+            n = n.item()
+        return check_whole(n, name, minimum=1)
+    counts = np.asarray(n)
+    if counts.dtype.kind not in "iuf":
+        raise InputTypeError(f"{name} must hold whole numbers >= 1; got an array of {counts.dtype}")
+    if counts.dtype.kind == "f" and not (np.isfinite(counts).all() and (counts == np.round(counts)).all()):
+        raise InputError(f"{name} must hold whole numbers >= 1; found {counts[~(np.isfinite(counts) & (counts == np.round(counts)))].reshape(-1)[0]!r}")
+    if (counts < 1).any():
+        raise InputError(f"{name} must be at least 1; found {counts[counts < 1].reshape(-1)[0]!r}")
+    return counts
 
 
 def _first(mask: np.ndarray) -> tuple[int, int]:
@@ -99,19 +135,15 @@ def as_grid(lambdas, n_candidates: int | None, order: str, *, name: str = "lambd
 
 
 def check_open_unit(value, name: str) -> float:
-    """Return ``value`` as float, requiring a real number strictly between 0 and 1."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number strictly between 0 and 1; got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and 0.0 < value < 1.0):
-        raise ValueError(f"{name} must be strictly between 0 and 1; got {value!r}")
-    return value
+    """Return ``value`` as float, requiring a real number strictly between 0 and 1 (δ, ε)."""
+    return validation.check_open_unit(value, name)
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise TypeError(f"seed must be a non-negative integer; got {seed!r}")
-    return int(seed)
+    """A non-negative whole number of any integer type (a bool or a float is refused)."""
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)) and seed < 0:
+        raise InputTypeError(f"seed must be a non-negative integer; got {seed!r}")  # a TypeError, as before
+    return validation.check_whole(seed, "seed", minimum=0)
 
 
 def is_binary(losses: np.ndarray) -> bool:

@@ -6,24 +6,14 @@ from typing import Any
 import numpy as np
 
 from ltt_exit.certificate import Certificate
+from ltt_exit.validation import InputError, check_real
 
 from ._checks import as_grid, as_loss_matrix, check_open_unit, check_order, check_seed, is_binary
 from .procedures import FixedSequence, Procedure, get_procedure
 from .pvalues import PValue, RiskPValue, get_pvalue
+from .rederive import always_safe_lambda, check_fallback, choose
 
 __all__ = ["certify", "always_safe_lambda"]
-
-
-def always_safe_lambda(lambdas: np.ndarray, order: str) -> float:
-    """The λ returned when nothing is certified.
-
-    Descending grids (confidence thresholds, exit when confidence ≥ λ): ``max(1.0, lambdas[0])``,
-    i.e. λ = 1 (the full model) unless the grid starts above 1. Ascending grids (small λ is
-    conservative): ``min(0.0, lambdas[0])``. Pass ``fallback_lambda`` to :func:`certify` when your
-    system's always-safe value is different.
-    """
-    first = float(lambdas[0])
-    return max(1.0, first) if order == "descending" else min(0.0, first)
 
 
 def certify(
@@ -97,9 +87,13 @@ def certify(
     if fallback_lambda is None:
         fallback = always_safe_lambda(grid, order)
     else:
-        fallback = float(fallback_lambda)
-        if not np.isfinite(fallback):
-            raise ValueError(f"fallback_lambda must be finite; got {fallback_lambda!r}")
+        fallback = check_real(fallback_lambda, "fallback_lambda")
+        if not check_fallback(fallback, grid, order):
+            raise InputError(
+                f"fallback_lambda {fallback!r} is not always safe on this {order} grid: it must be at least as "
+                f"conservative as {always_safe_lambda(grid, order)!r} ({'>=' if order == 'descending' else '<='} it; "
+                "a certificate's load re-checks this)"
+            )
 
     if pvalue_kind.binary_only and not is_binary(matrix):
         raise ValueError(
@@ -118,7 +112,7 @@ def certify(
     risk = np.clip(risk, 0.0, 1.0)  # the mean of values in [0, 1] can round a hair outside
 
     certified = np.asarray(procedure_kind.select(pvalues, epsilon), dtype=bool)
-    chosen = _choose(certified, cost_vector)
+    chosen = choose(certified, cost_vector)
     if chosen is None:
         lambda_hat = fallback
         reason = _reason_nothing_certified(grid, risk, pvalues, delta, epsilon, n, procedure_kind, fallback, order)
@@ -159,17 +153,6 @@ def _as_costs(costs, k: int) -> np.ndarray | None:
     if not np.isfinite(vector).all():
         raise ValueError("costs must be finite")
     return vector
-
-
-def _choose(certified: np.ndarray, costs: np.ndarray | None) -> int | None:
-    indices = np.flatnonzero(certified)
-    if indices.size == 0:
-        return None
-    if costs is None:
-        return int(indices[-1])  # furthest along the grid order
-    candidate_costs = costs[indices]
-    cheapest = np.flatnonzero(candidate_costs == candidate_costs.min())
-    return int(indices[cheapest[-1]])  # ties: the later in grid order
 
 
 def _reason_nothing_certified(grid, risk, pvalues, delta, epsilon, n, procedure, fallback, order) -> str:

@@ -27,7 +27,9 @@ import numpy as np
 from scipy.special import rel_entr
 from scipy.stats import binom
 
-from ._checks import as_loss_matrix, check_open_unit, check_seed, is_binary
+from ltt_exit.validation import InputError
+
+from ._checks import as_loss_matrix, as_real_array, check_counts, check_open_unit, check_seed, is_binary
 from ._registry import Registry
 
 __all__ = [
@@ -105,12 +107,10 @@ class RiskPValue(PValue):
 
 
 def _prepare(risk, n, delta):
-    risk = np.asarray(risk, dtype=np.float64)
-    n = np.asarray(n)
-    if np.any(n < 1):
-        raise ValueError("n must be at least 1")
+    risk = as_real_array(risk, "risk")
     if np.any(~np.isfinite(risk)) or np.any(risk < 0) or np.any(risk > 1):
-        raise ValueError("empirical risks must lie in [0, 1]")
+        raise InputError("empirical risks must lie in [0, 1]")
+    n = check_counts(n, "n")
     delta = check_open_unit(delta, "delta")
     return risk, n, delta
 

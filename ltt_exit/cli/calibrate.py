@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ltt_exit.certificate import Certificate
+from ltt_exit.cli._run import ArgumentParser, CLIError, run_cli
 from ltt_exit.certify import PROCEDURES, PVALUES, certify, get_procedure
 from ltt_exit.loss_table import LossTable
 
@@ -54,11 +55,7 @@ examples:
 
 Loss tables: docs/loss_table.md. Methods and how to choose: docs/certification.md.
 Exit status: 0 when a certificate was written (also when nothing was certified),
-2 on bad input (nothing is written)."""
-
-
-class _CLIError(ValueError):
-    """Bad command-line input, reported on stderr with exit code 2."""
+2 on bad input (one line on stderr; nothing is written), 1 on an internal error."""
 
 
 def _open_unit(name: str):
@@ -89,7 +86,7 @@ def _whole(minimum: int, name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ltt-calibrate`` argument parser (later issues add model / decoding options to it)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description=_DESCRIPTION,
         epilog=_EPILOG,
@@ -153,19 +150,19 @@ def _costs(table: LossTable, cost_column: str | None):
         return None, None
     if cost_column not in table.candidate_columns:
         available = sorted(table.candidate_columns) or "none"
-        raise _CLIError(f"--cost-column {cost_column!r} is not a candidate column of the table (available: {available})")
+        raise CLIError(f"--cost-column {cost_column!r} is not a candidate column of the table (available: {available})")
     return cost_column, table.mean_per_candidate(cost_column)
 
 
 def _check_output(args: argparse.Namespace) -> Path:
     out = Path(getattr(args, "out", "certificate.json"))
     if out.is_dir():
-        raise _CLIError(f"--out {str(out)!r} is a folder; give a file path for the certificate")
+        raise CLIError(f"--out {str(out)!r} is a folder; give a file path for the certificate")
     if not out.parent.is_dir():
-        raise _CLIError(f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist")
+        raise CLIError(f"--out {str(out)!r}: the folder {str(out.parent)!r} does not exist")
     table = getattr(args, "table", None)
     if table is not None and Path(table).exists() and out.exists() and out.resolve() == Path(table).resolve():
-        raise _CLIError("--out must not be the loss table itself")
+        raise CLIError("--out must not be the loss table itself")
     return out
 
 
@@ -209,25 +206,15 @@ def run_certification(table: LossTable, args: argparse.Namespace) -> Certificate
     return certificate
 
 
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, KeyError) and exc.args:
-        return str(exc.args[0])
-    return str(exc)
-
-
 def _calibrate_with_model(args: argparse.Namespace) -> int:
     """No --table: sweep the model over a calibration set (or reuse a cached sweep), then certify."""
     from ltt_exit.pipeline import describe_outcome, loss_table_from_model
 
-    try:
-        _check_output(args)
-        table, info = loss_table_from_model(args)
-        if table is None:  # a rank other than 0 of a distributed sweep: rank 0 certifies
-            return 0
-        certificate = run_certification(table, args)
-    except (ValueError, TypeError, KeyError, OSError) as exc:
-        print(f"{PROG}: error: {_message(exc)}", file=sys.stderr)
-        return 2
+    _check_output(args)
+    table, info = loss_table_from_model(args)
+    if table is None:  # a rank other than 0 of a distributed sweep: rank 0 certifies
+        return 0
+    certificate = run_certification(table, args)
     if not getattr(args, "quiet", False):
         print(describe_outcome(table, certificate, info))
         print(f"loss table: {info['table_path']}")
@@ -235,23 +222,19 @@ def _calibrate_with_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``ltt-calibrate``; returns the exit status (0 ok, 2 bad input)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2): argparse already printed why
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     if args.table is None:
         return _calibrate_with_model(args)
-    try:
-        _check_output(args)
-        table = LossTable.load(args.table)
-        run_certification(table, args)
-    except (ValueError, TypeError, KeyError, OSError) as exc:
-        print(f"{PROG}: error: {_message(exc)}", file=sys.stderr)
-        return 2
+    _check_output(args)
+    table = LossTable.load(args.table)
+    run_certification(table, args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ltt-calibrate``; returns the exit status (0 ok, 2 bad input, 1 internal error)."""
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

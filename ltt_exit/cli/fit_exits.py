@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 from ltt_exit.cli._arguments import json_object
+from ltt_exit.cli._run import ArgumentParser, CLIError, run_cli
+
+PROG = "ltt-fit-exits"
 
 DESCRIPTION = """\
 Fit exit adapters for a model that was not trained for early exit.
@@ -82,7 +85,7 @@ def _layers(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltt-fit-exits", description=DESCRIPTION, epilog=EPILOG,
+    parser = ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="where to write the adapter file (.safetensors)")
     parser.add_argument("--model", default="smollm2-135m",
@@ -318,20 +321,21 @@ def run(args) -> dict:
     return summary
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     from ltt_exit.decode.adapters import AdapterMismatch, CalibrationOverlap
 
     try:
         summary = run(args)
     except (AdapterMismatch, CalibrationOverlap) as err:
-        print(f"ltt-fit-exits: refused: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, TypeError, OSError) as err:
-        print(f"ltt-fit-exits: error: {err}", file=sys.stderr)
-        return 2
+        raise CLIError(f"refused: {err}") from None
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``ltt-fit-exits``: 0 ok, 2 bad input or refused (one line on stderr), 1 internal error."""
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

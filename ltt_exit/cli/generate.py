@@ -6,6 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+from ltt_exit.cli._run import ArgumentParser, CLIError, run_cli
+
+PROG = "ltt-generate"
+
 DESCRIPTION = """\
 Decode prompts with the early-exit threshold a certificate certified.
 
@@ -26,11 +30,13 @@ examples:
   ltt-generate --certificate certificate.json --file prompts.txt --json > outputs.jsonl
   echo "Summarize: ..." | ltt-generate --certificate certificate.json --show-exits
   ltt-generate --certificate certificate.json --device cuda --fast --file prompts.txt   # GPU, batch 1 latency
+
+exit status: 0 ok; 2 bad input or a refused certificate (one line on stderr); 1 internal error
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltt-generate", description=DESCRIPTION, epilog=EPILOG,
+    parser = ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", nargs="*", help="prompt texts (default: --file, else standard input)")
     parser.add_argument("--certificate", required=True, type=Path, help="certificate JSON from ltt-calibrate")
@@ -63,33 +69,33 @@ def _read_prompts(args) -> list[str]:
             for number, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
-                if "prompt" not in row:
-                    raise ValueError(f"{args.file}:{number}: no 'prompt' field")
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CLIError(f"{args.file}:{number}: not valid JSON ({exc})") from None
+                if not isinstance(row, dict) or "prompt" not in row:
+                    raise CLIError(f"{args.file}:{number}: no 'prompt' field (each line must be a JSON object "
+                                   "with a \"prompt\")")
                 prompts.append(str(row["prompt"]))
             return prompts
         return [line for line in text.splitlines() if line.strip()]
     return [line for line in sys.stdin.read().splitlines() if line.strip()]
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     from ltt_exit.apply import CertificateMismatch, CertifiedDecoder
     from ltt_exit.certificate import CertificateError
 
+    prompts = _read_prompts(args)
+    if not prompts:
+        raise CLIError("no prompts given (arguments, --file or standard input)")
     try:
-        prompts = _read_prompts(args)
-        if not prompts:
-            raise ValueError("no prompts given (arguments, --file or standard input)")
         certified = CertifiedDecoder(args.certificate, args.model, device=args.device,
                                      exit_adapters=args.exit_adapters, fast=args.fast)
-        outputs = certified.generate(prompts, formatted=args.raw)
     except (CertificateMismatch, CertificateError) as err:
-        print(f"ltt-generate: refused: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, TypeError, OSError) as err:
-        print(f"ltt-generate: error: {err}", file=sys.stderr)
-        return 2
+        raise CLIError(f"refused: {err}") from None
+    outputs = certified.generate(prompts, formatted=args.raw)
     num_layers = certified.decoder.num_layers
     tokenizer = certified.loaded.tokenizer
     for prompt, seq in zip(prompts, outputs):
@@ -118,6 +124,11 @@ def main(argv=None) -> int:
               f"{tokens} tokens, mean exit layer {layers / max(tokens, 1):.2f} of {num_layers}, work {work:.2f}× "
               "the full model's FLOPs", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``ltt-generate``: 0 ok, 2 bad input or refused (one line on stderr), 1 internal error."""
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

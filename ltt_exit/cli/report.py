@@ -5,6 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ltt_exit.cli._run import ArgumentParser, CLIError, run_cli
+
+PROG = "ltt-report"
+
 DESCRIPTION = """\
 Check what a certificate would buy on a loss table, the way CALM validates its guarantee.
 
@@ -18,7 +22,7 @@ split). Writes report.md and PNG plots to --out.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltt-report", description=DESCRIPTION,
+    parser = ArgumentParser(prog=PROG, description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", type=Path, help="loss table (.parquet written by ltt-calibrate, or a wide CSV)")
     parser.add_argument("--deltas", type=float, nargs="+", default=[0.05, 0.1, 0.15, 0.2],
@@ -36,26 +40,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
     from ltt_exit._atomic import atomic_write_text
     from ltt_exit.loss_table import LossTable
     from ltt_exit.report import markdown_table, plot_report, split_trials
 
-    try:
-        for delta in args.deltas:
-            if not 0.0 < delta < 1.0:
-                raise ValueError(f"δ must be in (0, 1), got {delta}")
-        if not 0.0 < args.epsilon < 1.0:
-            raise ValueError(f"ε must be in (0, 1), got {args.epsilon}")
-        table = LossTable.load(args.table)
-        summaries = split_trials(table, args.deltas, args.epsilon, trials=args.trials,
-                                 calibration_fraction=args.calibration_fraction,
-                                 pvalue=args.pvalue, procedure=args.procedure, seed=args.seed)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
-        print(f"ltt-report: error: {err}", file=sys.stderr)
-        return 2
+    for delta in args.deltas:
+        if not 0.0 < delta < 1.0:
+            raise CLIError(f"--deltas: δ must be in (0, 1), got {delta}")
+    if not 0.0 < args.epsilon < 1.0:
+        raise CLIError(f"--epsilon: ε must be in (0, 1), got {args.epsilon}")
+    if args.seed < 0:
+        raise CLIError(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f"--out {str(args.out)!r} is a file; give a folder for the report")
+    table = LossTable.load(args.table)
+    summaries = split_trials(table, args.deltas, args.epsilon, trials=args.trials,
+                             calibration_fraction=args.calibration_fraction,
+                             pvalue=args.pvalue, procedure=args.procedure, seed=args.seed)
     md = markdown_table(summaries)
     meta = table.metadata
     header = (f"# ltt-report: {args.table}\n\n"
@@ -71,6 +74,11 @@ def main(argv=None) -> int:
     print(md)
     print(f"wrote {args.out / 'report.md'}" + (f" and {len(plots)} plots" if plots else ""))
     return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``ltt-report``: 0 ok, 2 bad input (one line on stderr), 1 internal error."""
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ltt_exit.validation import check_attention_mask, check_eos_token_ids, check_token_id_rows, check_token_id_tensor
+
 from .backends import ExitBackend, PromptBatch
 
 __all__ = ["check_budget", "eos_ids", "pad_token_rows", "prepare_prompt", "resolve_device"]
@@ -32,14 +34,8 @@ def check_budget(max_new_tokens: Any) -> None:
 
 def eos_ids(backend: ExitBackend, eos_token_id: int | Sequence[int] | None) -> set[int]:
     """The stop ids of a call: the model's generation config (None), one id, or a sequence ([]: never stop)."""
-    if eos_token_id is None:
-        return set(backend.default_eos_token_ids())
-    if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool):
-        return {eos_token_id}
-    try:
-        return {int(e) for e in eos_token_id}
-    except TypeError:
-        raise TypeError(f"eos_token_id must be an int, a sequence of ints or None, got {eos_token_id!r}") from None
+    eos = check_eos_token_ids(eos_token_id)
+    return set(backend.default_eos_token_ids()) if eos is None else eos
 
 
 def pad_token_rows(rows: list[list[int]], tokenizer: Any, backend: ExitBackend) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +82,7 @@ def prepare_prompt(
         rows = [list(tokenizer(str(p), add_special_tokens=True)["input_ids"]) for p in prompts]
         ids, mask = pad_token_rows(rows, tokenizer, backend)
     elif isinstance(input_ids, torch.Tensor):
-        ids = input_ids
+        ids = check_token_id_tensor(input_ids)
         if ids.ndim == 1:
             ids = ids.unsqueeze(0)
         if ids.ndim != 2:
@@ -94,7 +90,8 @@ def prepare_prompt(
         if attention_mask is None:
             mask = torch.ones_like(ids)
         else:
-            mask = attention_mask if attention_mask.ndim == 2 else attention_mask.unsqueeze(0)
+            mask = check_attention_mask(attention_mask)
+            mask = mask if mask.ndim == 2 else mask.unsqueeze(0)
             if mask.shape != ids.shape:
                 raise ValueError(
                     f"attention_mask shape {tuple(attention_mask.shape)} does not match "
@@ -103,7 +100,7 @@ def prepare_prompt(
     else:
         if attention_mask is not None:
             raise ValueError("attention_mask goes with an input_ids tensor; token-id lists are padded here")
-        rows = [[int(t) for t in row] for row in input_ids]
+        rows = check_token_id_rows(input_ids)
         ids, mask = pad_token_rows(rows, tokenizer, backend)
     if ids.shape[0] == 0:
         raise ValueError("nothing to decode: the batch is empty")

@@ -14,39 +14,21 @@ from collections.abc import Sequence
 
 import torch
 
+from ltt_exit import validation
+
 __all__ = ["ThresholdSchedule", "check_thresholds"]
 
 
 def check_thresholds(threshold: float | Sequence[float], batch_size: int) -> list[float]:
-    """One float per row from a float or a per-row sequence; rejects NaN and negatives."""
-    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        values = [float(threshold)] * batch_size
-    elif isinstance(threshold, torch.Tensor) and threshold.ndim == 0:
-        values = [float(threshold)] * batch_size
-    else:
-        if isinstance(threshold, (str, bytes)):
-            raise TypeError(f"threshold must be a float or a sequence of floats, got {threshold!r}")
-        try:
-            values = [float(v) for v in threshold]
-        except (TypeError, ValueError):
-            raise TypeError(f"threshold must be a float or a sequence of floats, got {threshold!r}") from None
-        if len(values) != batch_size:
-            raise ValueError(
-                f"got {len(values)} thresholds for a batch of {batch_size} rows; give one per row or a float"
-            )
-    for value in values:
-        if math.isnan(value) or value < 0:
-            raise ValueError(f"thresholds must be >= 0 (and not NaN), got {value}")
-    return values
+    """One float per row from a real number or a per-row sequence; rejects NaN, negatives and non-numbers."""
+    return validation.check_thresholds(threshold, batch_size)
 
 
 class ThresholdSchedule:
     """λ_t for a batch of base thresholds; see the module docstring."""
 
     def __init__(self, tau: float = 0.0):
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or tau < 0:
-            raise ValueError(f"tau must be a number >= 0, got {tau!r}")
-        self.tau = float(tau)
+        self.tau = validation.check_tau(tau)
 
     def value(self, base: float, t: int, budget: int) -> float:
         """λ_t for base threshold ``base`` at token index t (0-based) of budget N (inf when λ >= 1)."""

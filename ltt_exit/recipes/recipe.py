@@ -288,7 +288,8 @@ class Recipe:
             split=str(data.get("split", "all")),
             local_file=data.get("local_file"),
             fields=dict(fields),
-            truncate_words=dict(data.get("truncate_words") or {}),
+            truncate_words=dict(data.get("truncate_words") or {}) if isinstance(data.get("truncate_words") or {}, Mapping)
+            else data["truncate_words"],
             templates=dict(data["templates"]) if isinstance(data["templates"], Mapping) else data["templates"],
             reference=data.get("reference"),
             metric=data["metric"],
@@ -301,18 +302,30 @@ class Recipe:
     def _validate(self) -> None:
         from ..metrics import METRICS
 
-        where = f"recipe {self.name!r}"
+        where = f"recipe {self.origin or self.name!r}"
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"recipe name must be a non-empty string, got {self.name!r}")
-        if not isinstance(self.source, Mapping) or self.source.get("kind") not in SOURCES:
+            raise ValueError(f"{where}: recipe name must be a non-empty string, got {self.name!r}")
+        # Types first, so that a list or a mapping where a name belongs gives this message rather than
+        # "unhashable type" from a lookup below.
+        for key, value in (("metric", self.metric), ("reference", self.reference), ("local_file", self.local_file),
+                           ("description", self.description)):
+            if not (isinstance(value, str) or (value is None and key in ("reference", "local_file"))):
+                raise ValueError(f"{where}: {key} must be a string, got {value!r}")
+        if not isinstance(self.source, Mapping) or not isinstance(self.source.get("kind"), str) \
+                or self.source.get("kind") not in SOURCES:
             raise ValueError(
                 f"{where}: source must be a mapping with kind one of {sorted(SOURCES)}, got {self.source!r}"
             )
-        self._make_source()  # validates the source arguments
+        try:
+            self._make_source()  # validates the source arguments
+        except TypeError as error:  # an unknown or missing argument of the source kind
+            raise ValueError(f"{where}: bad source arguments {self.source!r}: {error}") from None
         if not isinstance(self.templates, Mapping) or not self.templates:
             raise ValueError(f"{where}: templates must map a model family to a template string")
+        if not isinstance(self.truncate_words, Mapping):
+            raise ValueError(f"{where}: truncate_words must map field names to word limits")
         for family, template in self.templates.items():
-            if family not in FAMILIES:
+            if not isinstance(family, str) or family not in FAMILIES:
                 raise ValueError(f"{where}: template for unknown family {family!r}; families: {list(FAMILIES)}")
             if not isinstance(template, str):
                 raise ValueError(f"{where}: the {family} template must be a string")
@@ -327,7 +340,7 @@ class Recipe:
                 f"{where}: reference {self.reference!r} is not a declared field; declared: {sorted(self.fields)}"
             )
         for name, limit in self.truncate_words.items():
-            if name not in self.fields:
+            if not isinstance(name, str) or name not in self.fields:
                 raise ValueError(f"{where}: truncate_words names unknown field {name!r}")
             if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
                 raise ValueError(f"{where}: truncate_words[{name!r}] must be a positive integer, got {limit!r}")
@@ -610,6 +623,8 @@ def _read_recipe_file(path: Path) -> Recipe:
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"recipe file {path} is not UTF-8 text: {error}") from None
     except yaml.YAMLError as error:
         raise ValueError(f"recipe file {path} is not valid YAML: {error}") from None
     recipe = Recipe.from_dict(data, origin=str(path))

@@ -13,10 +13,12 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from ltt_exit.validation import InputError
+
 PARTIAL_FORMAT = 1
 
 
-class PartialSweepMismatch(ValueError):
+class PartialSweepMismatch(InputError):
     """The partial file on disk belongs to another sweep configuration."""
 
 
@@ -52,7 +54,7 @@ class PartialSweep:
             self.path.unlink()  # only a torn header: nothing was recorded
             return
         header = lines[0]
-        if header.get("kind") != "header" or header.get("format") != PARTIAL_FORMAT:
+        if not isinstance(header, dict) or header.get("kind") != "header" or header.get("format") != PARTIAL_FORMAT:
             raise PartialSweepMismatch(f"{self.path} is not an ltt-exit partial sweep file; delete it")
         if header.get("config_key") != self.config_key:
             raise PartialSweepMismatch(
@@ -60,7 +62,10 @@ class PartialSweep:
                 f"({header.get('config_key')!r}, now {self.config_key!r}); "
                 "delete it or choose another output path"
             )
-        for record in lines[1:]:
+        for number, record in enumerate(lines[1:], 2):
+            if not (isinstance(record, dict) and isinstance(record.get("id"), str) and "data" in record):
+                raise PartialSweepMismatch(f"{self.path}: line {number} is not an example record; the file is "
+                                           "damaged, delete it")
             self.records[record["id"]] = record["data"]
         if good_end < len(raw):
             with open(self.path, "r+b") as handle:

@@ -295,7 +295,23 @@ class ExitAdapters:
         return path
 
     @classmethod
-    def load(
+    def load(cls, path: str | os.PathLike[str], **checks: Any) -> "ExitAdapters":
+        """Read a file written by :meth:`save`; check its integrity and, when given, that it belongs to the
+        model with ``model_fingerprint``, to a decoder of ``num_layers`` x ``hidden_size``, and that its
+        fingerprint is ``expected_fingerprint``. Any mismatch — and any damaged header — raises AdapterMismatch."""
+        try:
+            return cls._load(path, **checks)
+        except AdapterMismatch as error:
+            if str(path) in str(error):
+                raise
+            raise AdapterMismatch(f"{path}: {error}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as error:
+            # a header of the wrong shape (edited, or damaged in a way safetensors does not notice)
+            raise AdapterMismatch(f"{path}: not a valid exit-adapter file (damaged header: "
+                                  f"{type(error).__name__}: {error})") from None
+
+    @classmethod
+    def _load(
         cls,
         path: str | os.PathLike[str],
         *,
@@ -304,9 +320,6 @@ class ExitAdapters:
         hidden_size: int | None = None,
         expected_fingerprint: str | None = None,
     ) -> "ExitAdapters":
-        """Read a file written by :meth:`save`; check its integrity and, when given, that it belongs to the
-        model with ``model_fingerprint``, to a decoder of ``num_layers`` x ``hidden_size``, and that its
-        fingerprint is ``expected_fingerprint``. Any mismatch raises AdapterMismatch."""
         from safetensors import safe_open
 
         path = Path(path)
