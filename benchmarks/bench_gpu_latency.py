@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from _common import Results  # this script's folder is on sys.path
 from gpu_latency_report import report  # this script's folder is on sys.path

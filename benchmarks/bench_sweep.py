@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import platform
-import time
 
 from _common import best_time  # this script's folder is on sys.path
 

@@ -5,10 +5,8 @@ import json
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
 
-import torch
 
 
 SECTION = "## GPU speed (issue 6)"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 
 from . import exit_rule
 from .pruning import DecayingPruning, FixedPruning, NoPruning, VocabPruning, keep_best
