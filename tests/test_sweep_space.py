@@ -13,6 +13,8 @@ from ltt_exit.space_table import SpaceTable, SpaceTableError, is_space_table
 from ltt_exit.sweep.run import partial_path
 from ltt_exit.sweep.space import load_space, run_space_sweep
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 96
 DEFAULTS = {"lambdas": (1.0, 0.5), "min_exit_layer": 1, "pruning": "none", "scorer": "softmax-margin", "tau": 0.0}
 
@@ -85,7 +87,7 @@ def test_sweep_matches_each_configuration_decoded_alone_and_resumes(tmp_path):
     model.generation_config.eos_token_id = 1
     tokenizer = tiny_word_tokenizer(VOCAB)
     calset = _calibration_set(6)
-    space = load_space(SPACE, DEFAULTS)
+    space = load_space("lambdas: [1.0, 0.6, 0.2]\nmin_exit_layer: [1, 2]\npruning: [none, {name: fixed, k: 20}]", DEFAULTS)
     out = tmp_path / "space.parquet"
 
     class Stop(RuntimeError):
@@ -97,34 +99,39 @@ def test_sweep_matches_each_configuration_decoded_alone_and_resumes(tmp_path):
 
     with pytest.raises(Stop):
         run_space_sweep(model, tokenizer, calset, space, max_new_tokens=5, metric="rouge-l", out_path=out,
-                        model_fingerprint="sha256:m", prompts_per_batch=2, progress=False, after_example=fail_after)
+                        model_fingerprint="sha256:m", prompts_per_batch=3, progress=False, after_example=fail_after)
     assert partial_path(out).exists() and not out.exists()
     # a zero time budget stops before decoding anything new, without writing the table
     stopped = run_space_sweep(model, tokenizer, calset, space, max_new_tokens=5, metric="rouge-l", out_path=out,
                               model_fingerprint="sha256:m", progress=False, time_budget_s=0.0)
     assert stopped.table is None and stopped.remaining_examples == 2 and stopped.resumed_examples == 4
     result = run_space_sweep(model, tokenizer, calset, space, max_new_tokens=5, metric="rouge-l", out_path=out,
-                             model_fingerprint="sha256:m", progress=False)
+                             model_fingerprint="sha256:m", prompts_per_batch=3, progress=False)
     assert result.resumed_examples == 4 and result.decoded_examples == 2 and not partial_path(out).exists()
 
     assert is_space_table(out)
     table = SpaceTable.load(out)
-    assert table.n == 6 and table.K == 24 and table.risks == ["textual", "risk"]
+    assert table.n == 6 and table.K == 12 and table.risks == ["textual", "risk"]
     assert table.example_ids == [f"ex{i}" for i in range(6)]
     losses = table.losses(["textual", "risk"])
-    assert losses.shape == (6, 24, 2)
+    assert losses.shape == (6, 12, 2)
     lambda_one = [j for j, c in enumerate(table.configurations) if c["lambda"] == 1.0]
     assert np.all(losses[:, lambda_one, 0] == 0.0) and np.all(table.values["mean_layers"][:, lambda_one] == 4)
     assert table.metadata["full_mismatches"] == 0
-    # every configuration's row is what decoding that configuration on its own gives
+    # every configuration's column is what decoding that configuration on its own gives
     prompts = [ex.prompt for ex in calset.examples]
-    for j, config in enumerate(table.configurations):
-        decoder = EarlyExitDecoder(model, tokenizer, **space.settings[config["setting"]].decoder_kwargs())
-        alone = decoder.generate(prompts, threshold=config["lambda"], max_new_tokens=5)
-        assert [seq.text for seq in alone] == list(table.values["text"][:, j])
-        np.testing.assert_allclose([np.mean(s.exit_layers) for s in alone], table.values["mean_layers"][:, j])
-        assert table.settings[config["setting"]] == decoder.config_dict()
-    assert table.cost("flops").shape == (6, 24)
+    for s, (setting, grid) in enumerate(zip(space.settings, space.lambdas)):
+        decoder = EarlyExitDecoder(model, tokenizer, **setting.decoder_kwargs())
+        alone = decoder.generate([p for lam in grid for p in prompts], threshold=[lam for lam in grid for _ in prompts],
+                                 max_new_tokens=5)
+        columns = [j for j, c in enumerate(table.configurations) if c["setting"] == s]
+        assert [table.configurations[j]["lambda"] for j in columns] == list(grid)
+        for g, j in enumerate(columns):
+            rows = alone[g * len(prompts):(g + 1) * len(prompts)]
+            assert [seq.text for seq in rows] == list(table.values["text"][:, j])
+            np.testing.assert_allclose([np.mean(seq.exit_layers) for seq in rows], table.values["mean_layers"][:, j])
+        assert table.settings[s] == decoder.config_dict()
+    assert table.cost("flops").shape == (6, 12)
     full = table.full_configurations()
     assert full[5]["decoder"]["min_exit_layer"] == full[5]["min_exit_layer"]
 
