@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from ltt_exit.certify.pareto import normalised_scores, pareto_decide
+from ltt_exit.certify.pareto_rule import normalised_scores, pareto_decide
 from ltt_exit.certify.pvalues import get_pvalue
 from ltt_exit.certify.simulate import bernoulli_part_risks
 

@@ -365,11 +365,11 @@ class Certificate:
         if certificate.digest != recomputed:  # e.g. an integer where a float belongs
             raise CertificateError(f"{source}: the content does not survive normalisation; refusing it")
         if certificate.pareto is not None:  # the digest is no signature: re-derive the decision
-            from ltt_exit.certify.pareto import rederive_pareto
+            from ltt_exit.certify.pareto_rule import ParetoRecordError, rederive_record
 
             try:
-                rederive_pareto(certificate)
-            except CertificateError as exc:
+                rederive_record(certificate)
+            except ParetoRecordError as exc:
                 raise CertificateError(f"{source}: {exc}") from None
         return certificate
 

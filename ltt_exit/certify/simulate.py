@@ -209,10 +209,10 @@ def simulate_pareto(
 
     ``true_risks`` (K, R) or (K,), ``costs`` (K,), ``delta`` float or (R,). Each draw splits n
     Bernoulli examples into round(split·n) optimisation and the rest testing examples and applies
-    :func:`ltt_exit.certify.pareto.pareto_decide`. ``order_by="testing"`` is the negative control:
+    :func:`ltt_exit.certify.pareto_rule.pareto_decide`. ``order_by="testing"`` is the negative control:
     the front and order are estimated on the testing part itself (this breaks the guarantee).
     """
-    from .pareto import normalised_scores, pareto_decide  # pareto imports the certificate module
+    from .pareto_rule import normalised_scores, pareto_decide
 
     risks = np.asarray(true_risks, dtype=np.float64)
     if risks.ndim == 1:
