@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
-    from bench_gpu_latency import smollm2_shape  # this script's folder is on sys.path
+    from _common import smollm2_shape  # this script's folder is on sys.path
 
     from ltt_exit.decode.adapters import collect_states
     from ltt_exit.decode.tiny_models import tiny_word_tokenizer

@@ -26,24 +26,7 @@ import math
 import platform
 import time
 
-
-def best_time(fn, repeats: int) -> tuple[float, float, object]:
-    """Best wall time of ``repeats`` calls (CUDA synchronised), the process CPU time of that call (all
-    threads; less sensitive than wall time to other processes on a shared machine), and the last result."""
-    import torch
-
-    best, best_cpu, result = math.inf, math.inf, None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        result = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-        if wall < best:
-            best, best_cpu = wall, cpu
-    return best, best_cpu, result
+from _common import best_time  # this script's folder is on sys.path
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, log_expit
 
-from exit_classifier_features import FEATURES, MIN_EXIT, WORK
+from exit_classifier_setup import ADAPTERS, FEATURES, MIN_EXIT, WORK
 
 GRID = (1.0, 0.9999, 0.9995, 0.999, 0.998, 0.995, 0.99, 0.98, 0.97, 0.95, 0.93, 0.9, 0.88, 0.85, 0.8, 0.75, 0.7,
         0.65, 0.6, 0.5)
@@ -26,7 +26,6 @@ def hidden_design(name, kind, keep):
     import torch
 
     from ltt_exit.decode.adapters import ExitAdapters
-    from exit_classifier_features import ADAPTERS
 
     h = torch.from_numpy(np.load(WORK / f"{name}-states.npz")["hidden"][keep][:, 1:]).float()  # drop h_11
     if kind == "affine":

@@ -24,12 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-WORK = Path("/tmp/ltt-exit-classifier")
-ADAPTERS = Path("/tmp/ltt-bench-adapters/affine.safetensors")
-MIN_EXIT = 12
-FEATURES = ("p1", "p2", "margin", "entropy", "eq_prev_chain", "run_chain", "eq_prev_view", "prev_p_top",
-            "prev_margin_view", "cos_raw", "cos_adapted", "log_k")
+from exit_classifier_setup import ADAPTERS, MIN_EXIT, REPO, WORK  # this script's folder is on sys.path
 
 
 def log(message):
@@ -99,8 +94,8 @@ def collect(args):
     fit_examples, _ = fitting_set(recipe, size=320, seed=1, split="test", data_files=data_dir / "samsum_test.jsonl",
                                   family=loaded.family, tokenizer=loaded.tokenizer, exclude=calibration)
     affine = ExitAdapters.load(ADAPTERS, model_fingerprint=loaded.fingerprint)
-    from ltt_exit.decode.adapters import _fit_set_digest
-    assert _fit_set_digest(fit_examples[:200]) == affine.fit_info["fit_set_sha256"], "adapter prompts differ"
+    from ltt_exit.decode.adapters import fit_set_digest
+    assert fit_set_digest(fit_examples[:200]) == affine.fit_info["fit_set_sha256"], "adapter prompts differ"
     affine.check_disjoint(calibration)
     sets = {"clf": fit_examples[200:320], "adapt": fit_examples[:40], "heldout": validation.examples[100:220]}
     for name in args.sets.split(","):

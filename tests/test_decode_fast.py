@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ltt_exit.decode import EarlyExitDecoder, FastEarlyExitDecoder
-from ltt_exit.decode.fast import _StackedKV
+from ltt_exit.decode.fast_buffers import StackedKV
 from ltt_exit.decode.reference import reference_generate
 from ltt_exit.decode.tiny_models import tiny_llama, tiny_mistral, tiny_qwen2, tiny_t5
 
@@ -32,7 +32,7 @@ SCORER_PRUNING = [
     ("softmax-margin", ("decaying", {"k_max": 60, "k_min": 4})),
     ("hidden-cosine", "none"),
     ("hidden-cosine", ("fixed", {"k": 6})),
-    ("weighted-contrastive", ("fixed", {"k": 6})),  # not fused: the reference decoder's own decision code
+    ("weighted-contrastive", ("fixed", {"k": 6})),  # not fused: the eager exit_rule.consult
     ("jsd-contrastive", "none"),
 ]
 
@@ -210,7 +210,7 @@ def test_stacked_kv_equals_each_layers_own_projection(name):
     """The batched K/V tail equals ExitBackend.propagate_kv layer by layer (norm, K/V, RoPE at the position)."""
     model = model_for(name)
     backend = EarlyExitDecoder(model).backend
-    stacked = _StackedKV(backend)
+    stacked = StackedKV(backend)
     generator = torch.Generator().manual_seed(12)
     hidden = torch.randn(3, 1, backend.hidden_size, generator=generator, dtype=DTYPE).to(DEVICE)
     cos = sin = None

@@ -1,6 +1,10 @@
 """Early-exit decoding (stage 1 of ltt-exit): ``EarlyExitDecoder`` and its parts.
 
     from ltt_exit.decode import EarlyExitDecoder, SCORERS, PRUNINGS
+
+The exit rule itself (which layers consult a head, the threshold test, state propagation, the cost
+account) is :mod:`ltt_exit.decode.exit_rule`; every decoding path calls it. docs/architecture.md maps
+the other files.
 """
 from .backends import BACKENDS, DecoderOnlyBackend, ExitBackend, T5Backend
 from .decoder import CONFIG_SCHEMA_VERSION, EarlyExitDecoder

@@ -1,141 +1,33 @@
 """EarlyExitDecoder: greedy decoding where each generated token leaves the decoder at the first layer
 ℓ >= min_exit_layer whose confidence clears the per-token threshold λ_t.
 
-The per-token work is :meth:`EarlyExitDecoder._decode_position`: one pass of every row of the batch
-up the decoder. Rows exit independently; exit decisions are tensor operations (one host read per
-consulted layer, to learn whether every row has exited). A row that exited at ℓ keeps a frozen copy of
-h_ℓ, and each higher layer puts its own K/V projections of the copied state in the cache (CALM's state
-propagation). Decoder-only layers compute only those projections for exited rows, and attention and
-feed-forward only for the rows still going up; T5 layers run attention on every row and the
-feed-forward block only on the rows going up. Once every row of the batch has exited, the remaining
-layers only compute the K/V projections.
+This module owns the public decoder object: its settings and their validation, its description
+(``config_dict``, which certificates and loss-table keys record) and the batch loop of ``generate``
+(rows leave the batch at EOS or at the budget). The per-position work — exit heads, scorer, pruning,
+the threshold test, state propagation, the cost account — is the exit rule in :mod:`.exit_rule`;
+prompt preparation is :mod:`.prompts`; the sweep's shared-history decode is :mod:`.grid`.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .backends import ExitBackend, PromptBatch, backend_for
-from .outputs import CostAccount, DecodedSequence
-from .pruning import NoPruning, VocabPruning, resolve_pruning
+from . import exit_rule
+from .backends import PromptBatch, backend_for
+from .exit_rule import EXIT_RULE, STATE_PROPAGATION, THRESHOLD_SCHEDULE, RowRecord
+from .grid import decode_grid
+from .outputs import DecodedSequence
+from .prompts import check_budget, eos_ids, prepare_prompt, resolve_device
+from .pruning import VocabPruning, resolve_pruning
 from .schedule import ThresholdSchedule, check_thresholds
-from .scorers import ConfidenceScorer, ExitView, resolve_scorer
+from .scorers import ConfidenceScorer, resolve_scorer
 
 __all__ = ["EarlyExitDecoder", "CONFIG_SCHEMA_VERSION"]
 
 #: version of the :meth:`EarlyExitDecoder.config_dict` layout
 CONFIG_SCHEMA_VERSION = 1
-
-EXIT_RULE = "exit at the first layer l in [min_exit_layer, L-1] with confidence >= lambda_t; lambda >= 1 never exits"
-THRESHOLD_SCHEDULE = "lambda_t = 0.9*lambda + 0.1*lambda*exp(-tau*t/N); t = 0-based token index, N = max_new_tokens"
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _check_budget(max_new_tokens: Any) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-
-
-class _StepHeads:
-    """Exit-head evaluations of one decoding step, memoised per (layer, vocabulary set) and counted per row.
-
-    hiddens[a]: (B, d) state after layer a (a = 0: the input embedding). head_rows: (B,) long counter.
-    """
-
-    def __init__(self, backend: ExitBackend, hiddens: list[torch.Tensor], head_rows: torch.Tensor,
-                 exit_adapters: Any = None):
-        self.backend = backend
-        self.hiddens = hiddens
-        self.head_rows = head_rows
-        self.exit_adapters = exit_adapters
-        self._memo: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
-        self._adapted: dict[int, torch.Tensor] = {}  # layer -> adapted state (B, d) of this step
-        # LM-head rows of the last vocabulary set asked for: a fixed set (and the amateurs' heads) is
-        # evaluated at many layers of a step, gathered once
-        self._weights_ids: torch.Tensor | None = None
-        self._weights = None
-
-    def __call__(self, layer: int, ids: torch.Tensor | None, count_for: torch.Tensor | None) -> torch.Tensor:
-        full = None
-        for memo_layer, memo_ids, logits in self._memo:
-            if memo_layer == layer and memo_ids is ids:
-                return logits
-            if memo_layer == layer and memo_ids is None:
-                full = logits
-        if full is not None:  # this layer's full head is known: a subset costs nothing
-            logits = full.gather(-1, ids)
-            self._memo.append((layer, ids, logits))
-            return logits
-        hidden = self.hiddens[layer]
-        if self.exit_adapters is not None and layer < self.backend.num_layers:
-            # exit adapters map h_ℓ towards the final hidden state before the model's own head; the
-            # last layer never goes through one, so the full model's predictions are unchanged. Each
-            # layer's map runs once per step, however many vocabulary sets read its head.
-            if layer not in self._adapted:
-                self._adapted[layer] = self.exit_adapters.apply(layer, hidden)
-            hidden = self._adapted[layer]
-        if ids is not None and ids is not self._weights_ids:
-            self._weights_ids, self._weights = ids, self.backend.head_weights(ids)
-        logits = self.backend.head(hidden, ids, self._weights if ids is not None else None)
-        if count_for is not None:
-            self.count(count_for, logits.shape[-1])
-        self._memo.append((layer, ids, logits))
-        return logits
-
-    def count(self, rows: torch.Tensor, width: int) -> None:
-        """Charge ``width`` head rows to every row where ``rows`` (B,) bool is true."""
-        self.head_rows += rows.to(self.head_rows.dtype) * width
-
-
-@dataclass
-class _LayerDecision:
-    """The exit head's verdict at one consulted layer, for every row of the batch.
-
-    confidence (B,), predicted (B,) token ids, set_ids (B, k) the rows' vocabulary set (None: full), and
-    exit_head_rows: head rows charged only to rows that exit here (a scorer that does not read the head
-    needs it only for the emitted token; 0 when the head was charged to every consulting row).
-    """
-
-    confidence: torch.Tensor
-    predicted: torch.Tensor
-    set_ids: torch.Tensor | None
-    exit_head_rows: int
-
-
-@dataclass
-class _RowRecord:
-    token_ids: list[int] = field(default_factory=list)
-    exit_layers: list[int] = field(default_factory=list)
-    confidences: list[float] = field(default_factory=list)
-    head_rows: list[int] = field(default_factory=list)
-
-
-def pad_token_rows(rows: list[list[int]], tokenizer: Any, backend: ExitBackend) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id rows -> (ids, attention_mask), both (B, width) long on the CPU, padded on the backend's side
-    (left for decoder-only models) with the tokenizer's pad id (else the model's)."""
-    if not rows:
-        raise ValueError("nothing to decode: the batch is empty")
-    if any(len(row) == 0 for row in rows):
-        raise ValueError("every prompt needs at least one token")
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    pad = backend.pad_token_id() if pad is None else int(pad)
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if backend.padding_side == "left" else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
 
 
 class EarlyExitDecoder:
@@ -169,7 +61,7 @@ class EarlyExitDecoder:
             raise TypeError(f"model must be a transformers model (torch.nn.Module), got {type(model).__name__}")
         self.backend = backend_for(model)
         if device is not None:
-            model.to(_resolve_device(device))
+            model.to(resolve_device(device))
         model.eval()
         self.model = model
         self.tokenizer = tokenizer
@@ -233,7 +125,7 @@ class EarlyExitDecoder:
             "tau": self.tau,
             "exit_rule": EXIT_RULE,
             "threshold_schedule": THRESHOLD_SCHEDULE,
-            "state_propagation": "copied hidden state; each skipped layer's own K/V projections (K rotated for RoPE)",
+            "state_propagation": STATE_PROPAGATION,
             "final_layer_vocabulary": "full",
             "exit_adapters": None if self.exit_adapters is None else self.exit_adapters.describe(),
             "decoding": "greedy",
@@ -273,13 +165,14 @@ class EarlyExitDecoder:
         max_new_tokens: N, the token budget (also the N of the threshold decay)
         eos_token_id:   stop ids (default: the model's generation config); [] never stops early
         """
-        _check_budget(max_new_tokens)
-        prompt = self._prepare_prompt(prompts, input_ids, attention_mask)
+        check_budget(max_new_tokens)
+        prompt = prepare_prompt(self.backend, self.tokenizer, prompts, input_ids, attention_mask)
         batch_size = prompt.input_ids.shape[0]
         thresholds = check_thresholds(threshold, batch_size)
-        eos = self._eos_ids(eos_token_id)
+        eos = eos_ids(self.backend, eos_token_id)
         records = self._decode(prompt, thresholds, max_new_tokens, eos)
-        return [self._finish(record, prompt.lengths[row], thresholds[row]) for row, record in enumerate(records)]
+        return [exit_rule.finish_sequence(self, record, prompt.lengths[row], thresholds[row])
+                for row, record in enumerate(records)]
 
     @torch.inference_mode()
     def generate_grid(
@@ -300,92 +193,26 @@ class EarlyExitDecoder:
         row (``ltt_exit.decode.grid``); ``self.last_grid_stats`` (a ``GridStats``) says how many rows each
         step decoded. Prompt arguments, ``max_new_tokens`` and ``eos_token_id`` are as for :meth:`generate`.
         """
-        from .grid import decode_grid
-
-        _check_budget(max_new_tokens)
-        prompt = self._prepare_prompt(prompts, input_ids, attention_mask)
-        full, early, stats = decode_grid(self, prompt, lambdas, max_new_tokens, self._eos_ids(eos_token_id))
+        check_budget(max_new_tokens)
+        prompt = prepare_prompt(self.backend, self.tokenizer, prompts, input_ids, attention_mask)
+        full, early, stats = decode_grid(self, prompt, lambdas, max_new_tokens, eos_ids(self.backend, eos_token_id))
         self.last_grid_stats = stats
         return full, early
 
-    def _eos_ids(self, eos_token_id: int | Sequence[int] | None) -> set[int]:
-        if eos_token_id is None:
-            return set(self.backend.default_eos_token_ids())
-        if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool):
-            return {eos_token_id}
-        try:
-            return {int(e) for e in eos_token_id}
-        except TypeError:
-            raise TypeError(f"eos_token_id must be an int, a sequence of ints or None, got {eos_token_id!r}") from None
-
-    def _prepare_prompt(self, prompts, input_ids, attention_mask) -> PromptBatch:
-        if (prompts is None) == (input_ids is None):
-            raise ValueError("give exactly one of prompts (strings) or input_ids")
-        device = self.backend.device
-        if prompts is not None:
-            if isinstance(prompts, str):
-                prompts = [prompts]
-            if self.tokenizer is None:
-                raise ValueError("prompts given as strings need a tokenizer; pass tokenizer=... or input_ids=...")
-            if attention_mask is not None:
-                raise ValueError("attention_mask goes with input_ids, not with string prompts")
-            rows = [list(self.tokenizer(str(p), add_special_tokens=True)["input_ids"]) for p in prompts]
-            ids, mask = self._pad(rows)
-        elif isinstance(input_ids, torch.Tensor):
-            ids = input_ids
-            if ids.ndim == 1:
-                ids = ids.unsqueeze(0)
-            if ids.ndim != 2:
-                raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
-            if attention_mask is None:
-                mask = torch.ones_like(ids)
-            else:
-                mask = attention_mask if attention_mask.ndim == 2 else attention_mask.unsqueeze(0)
-                if mask.shape != ids.shape:
-                    raise ValueError(
-                        f"attention_mask shape {tuple(attention_mask.shape)} does not match "
-                        f"input_ids {tuple(ids.shape)}"
-                    )
-        else:
-            if attention_mask is not None:
-                raise ValueError("attention_mask goes with an input_ids tensor; token-id lists are padded here")
-            rows = [[int(t) for t in row] for row in input_ids]
-            ids, mask = self._pad(rows)
-        if ids.shape[0] == 0:
-            raise ValueError("nothing to decode: the batch is empty")
-        ids = ids.to(device=device, dtype=torch.long)
-        mask = mask.to(device=device, dtype=torch.long)
-        if bool((mask.sum(dim=-1) == 0).any()):
-            raise ValueError("every prompt needs at least one real (unmasked) token")
-        if bool(((ids < 0) | (ids >= self.backend.vocab_size))[mask.bool()].any()):
-            raise ValueError(f"input_ids contain ids outside the vocabulary [0, {self.backend.vocab_size})")
-        self.backend.check_prompt(ids, mask)
-        return PromptBatch(ids, mask)
-
-    def _pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_token_rows(rows, self.tokenizer, self.backend)
-
     def _decode(
         self, prompt: PromptBatch, thresholds: list[float], max_new_tokens: int, eos: set[int]
-    ) -> list[_RowRecord]:
+    ) -> list[RowRecord]:
+        """The batch loop: one :func:`exit_rule.decode_position` per generated position; rows that
+        finished (EOS or budget) leave the batch."""
         backend = self.backend
         device = backend.device
-        records = [_RowRecord() for _ in thresholds]
+        records = [RowRecord() for _ in thresholds]
         rows = list(range(len(thresholds)))  # original row index of each row still in the batch
         state = backend.start(prompt)
 
-        def record(step_tokens, step_exits, step_confidences, step_head_rows) -> torch.Tensor | None:
-            """Append one token per batch row; drop finished rows. Returns the kept positions (None: all)."""
-            keep = []
-            values = zip(step_tokens.tolist(), step_exits.tolist(), step_confidences.tolist(), step_head_rows.tolist())
-            for position, (token, layer, confidence, head_rows) in enumerate(values):
-                rec = records[rows[position]]
-                rec.token_ids.append(int(token))
-                rec.exit_layers.append(int(layer))
-                rec.confidences.append(float(confidence))
-                rec.head_rows.append(int(head_rows))
-                if token not in eos and len(rec.token_ids) < max_new_tokens:
-                    keep.append(position)
+        def keep_unfinished() -> torch.Tensor | None:
+            """Drop the rows that just finished. Returns the kept positions (None: all)."""
+            keep = [position for position, row in enumerate(rows) if not records[row].is_finished(eos, max_new_tokens)]
             if len(keep) == len(rows):
                 return None
             rows[:] = [rows[p] for p in keep]
@@ -393,15 +220,9 @@ class EarlyExitDecoder:
 
         if backend.first_token_from_prompt:
             # the prefill ran every layer for the prompt; its last position predicts token 0 with the full model
-            logits = backend.prompt_logits(state)
-            batch = logits.shape[0]
-            tokens = logits.argmax(dim=-1)
-            keep = record(
-                tokens,
-                torch.full((batch,), self.num_layers),
-                torch.full((batch,), math.nan),
-                torch.full((batch,), backend.vocab_size),
-            )
+            tokens = backend.prompt_logits(state).argmax(dim=-1)
+            exit_rule.record_prefill_tokens(records, tokens.tolist(), self.num_layers, backend.vocab_size)
+            keep = keep_unfinished()
             first_step = 1
         else:
             tokens = backend.first_inputs(state)
@@ -417,202 +238,11 @@ class EarlyExitDecoder:
             step_thresholds = self.schedule.at(
                 [thresholds[r] for r in rows], step, max_new_tokens, device=device, dtype=self.compute_dtype
             )
-            tokens, exits, confidences, head_rows = self._decode_position(state, tokens, step_thresholds)
-            keep = record(tokens, exits, confidences, head_rows)
+            tokens, exits, confidences, head_rows = exit_rule.decode_position(self, state, tokens, step_thresholds)
+            values = zip(tokens.tolist(), exits.tolist(), confidences.tolist(), head_rows.tolist())
+            for row, (token, layer, confidence, rows_charged) in zip(rows, values):
+                records[row].append(token, layer, confidence, rows_charged)
+            keep = keep_unfinished()
             if keep is not None and keep.numel() == 0:
                 break
         return records
-
-    def _decode_position(
-        self,
-        state: Any,
-        inputs: torch.Tensor,
-        thresholds: torch.Tensor,
-        *,
-        consult_thresholds: torch.Tensor | None = None,
-        trace: Any = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One new token for every row of the batch.
-
-        inputs:             (B,) token ids fed at this position
-        thresholds:         (B,) λ_t (compute dtype); a row exits at the first consulted layer whose
-                            confidence clears it (+inf: never)
-        consult_thresholds: (B,) λ_t up to which a row consults the exit heads (default: ``thresholds``;
-                            never above them). A row that clears its consult threshold but not its exit
-                            threshold stops consulting and runs on to layer L — a shared row of the sweep
-                            (``ltt_exit.decode.grid``) holding the full model beside candidates that exit.
-        trace:              optional recorder (``ltt_exit.decode.grid.StepTrace``): gets ``hiddens`` (the
-                            list of (B, d) states after each layer, filled as the step goes up) and one
-                            ``consulted(...)`` call per consulted layer.
-
-        Returns tokens (B,), exit layers (B,) in [j, L], confidences (B,) (NaN where the row reached L),
-        and exit-head rows computed per row (B,).
-        """
-        backend, num_layers, min_exit = self.backend, self.num_layers, self.min_exit_layer
-        batch, device = inputs.shape[0], inputs.device
-        if consult_thresholds is None:
-            consult_thresholds = thresholds
-        hidden = backend.begin_step(state, inputs)  # (B, 1, d) = h_0
-        hiddens = [hidden[:, 0]]
-        if trace is not None:
-            trace.hiddens = hiddens
-        undecided = torch.ones(batch, dtype=torch.bool, device=device)
-        tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        exit_layers = torch.full((batch,), num_layers, dtype=torch.long, device=device)
-        confidences = torch.full((batch,), math.nan, dtype=self.compute_dtype, device=device)
-        head_rows = torch.zeros(batch, dtype=torch.long, device=device)
-        heads = _StepHeads(backend, hiddens, head_rows, self.exit_adapters)
-        # rows with λ >= 1 (threshold inf) can never exit: their exit heads are neither computed nor charged
-        consulting = torch.isfinite(consult_thresholds)
-        consult = bool(consulting.any())
-        all_undecided = True
-        running_rows = None  # rows whose layer outputs are needed (None: all)
-        set_ids = None
-        everyone_exited = False
-        for index in range(num_layers):
-            layer = index + 1
-            if everyone_exited:
-                if self.kv_only_when_all_exited:
-                    backend.propagate_kv(state, index, hidden)
-                else:
-                    backend.run_layer(state, index, hidden)  # same K/V; output discarded
-                continue
-            output = backend.run_layer(state, index, hidden, running_rows)
-            hidden = torch.where(undecided[:, None, None], output, hidden)  # exited rows keep their copied h_ℓ
-            hiddens.append(hidden[:, 0])
-            if consult and min_exit <= layer < num_layers:
-                decision = self._exit_decision(layer, heads, consulting, set_ids)
-                set_ids, confidence = decision.set_ids, decision.confidence
-                passed = consulting & (confidence >= consult_thresholds)
-                exits = passed if consult_thresholds is thresholds else passed & (confidence >= thresholds)
-                if trace is not None:
-                    trace.consulted(layer, consulting, confidence, decision.predicted, head_rows,
-                                    decision.exit_head_rows)
-                if decision.exit_head_rows:
-                    heads.count(exits, decision.exit_head_rows)
-                tokens = torch.where(exits, decision.predicted, tokens)
-                exit_layers = torch.where(exits, torch.full_like(exit_layers, layer), exit_layers)
-                confidences = torch.where(exits, confidence.to(confidences.dtype), confidences)
-                undecided = undecided & ~exits
-                consulting = consulting & ~passed
-                # one host read per consulted layer
-                flags = torch.stack((undecided.any(), undecided.all(), consulting.any())).tolist()
-                everyone_exited, all_undecided, consult = not flags[0], flags[1], flags[2]
-                if not all_undecided and self.frozen_rows_skip_feed_forward:
-                    running_rows = undecided.nonzero()[:, 0]
-        if not everyone_exited:
-            # the last layer always uses the full vocabulary; computed only for the rows that reached it
-            if all_undecided:
-                tokens = heads(num_layers, None, undecided).argmax(dim=-1)
-            else:
-                rows = undecided.nonzero()[:, 0]
-                final = backend.head(hiddens[num_layers][rows], None)
-                heads.count(undecided, final.shape[-1])
-                tokens = tokens.index_put((rows,), final.argmax(dim=-1))
-        backend.end_step(state)
-        return tokens, exit_layers, confidences, head_rows
-
-    def _exit_decision(
-        self,
-        layer: int,
-        heads: _StepHeads,
-        consulting: torch.Tensor,
-        set_ids: torch.Tensor | None,
-    ) -> _LayerDecision:
-        """Confidence and prediction at consulted layer ``layer`` for every row; head rows are charged to
-        the rows where ``consulting`` (B,) is true (other rows' results are ignored by the caller), except
-        the head a scorer that does not read it needs only where a row exits (``exit_head_rows``)."""
-        head_always = self._head_at_every_consult
-        pruned = self.pruning.select(
-            layer,
-            min_exit_layer=self.min_exit_layer,
-            num_layers=self.num_layers,
-            prev_ids=set_ids,
-            head=lambda ids: heads(layer, ids, consulting if head_always else None),
-        )
-        view = ExitView(
-            layer=layer,
-            logits=pruned.logits,
-            hidden=heads.hiddens[layer],
-            hidden_prev=heads.hiddens[layer - 1],
-            logits_at=lambda amateur: heads(amateur, pruned.ids, consulting),
-        )
-        confidence = self.scorer.score(view)
-        best = pruned.logits.argmax(dim=-1)
-        predicted = best if pruned.ids is None else pruned.ids.gather(-1, best[:, None]).squeeze(-1)
-        return _LayerDecision(confidence, predicted, pruned.ids, 0 if head_always else pruned.logits.shape[-1])
-
-    def _consult(
-        self,
-        layer: int,
-        heads: _StepHeads,
-        undecided: torch.Tensor,
-        thresholds: torch.Tensor,
-        set_ids: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Exit decision at consulted layer ``layer`` for the rows where ``undecided`` (B,) is true
-        (still going up, and with a finite threshold); other rows' results are ignored by the caller.
-
-        Returns exits (B,) bool, predicted token (B,), confidence (B,), the rows' vocabulary set (B, k) or None.
-        """
-        decision = self._exit_decision(layer, heads, undecided, set_ids)
-        exits = undecided & (decision.confidence >= thresholds)
-        if decision.exit_head_rows:
-            heads.count(exits, decision.exit_head_rows)
-        return exits, decision.predicted, decision.confidence, decision.set_ids
-
-    @property
-    def _head_at_every_consult(self) -> bool:
-        """Whether every consulted layer evaluates the exit head: a scorer that does not read the head
-        (hidden-cosine) without pruning needs it only for rows that exit."""
-        return self.scorer.needs_logits or not isinstance(self.pruning, NoPruning)
-
-    def _adapter_flops(self, exit_layer: int) -> float:
-        """FLOPs of the exit adapters for one token that consulted layers j..min(exit_layer, L-1): each
-        layer whose head the step read (the consulted layers and the layers their scorer reads, e.g. a
-        contrastive amateur) runs its map once."""
-        flops = getattr(self.exit_adapters, "flops", None)
-        if flops is None:
-            return 0.0
-        if self._head_at_every_consult:
-            consulted = range(self.min_exit_layer, min(exit_layer, self.num_layers - 1) + 1)
-        else:  # a scorer that does not read the head evaluates it only where the token exits
-            consulted = range(exit_layer, exit_layer + 1) if exit_layer < self.num_layers else range(0)
-        read = set(consulted).union(*(self.scorer.other_head_layers(layer) for layer in consulted))
-        return float(sum(flops(layer) for layer in read if 0 < layer < self.num_layers))
-
-    def _finish(self, record: _RowRecord, prompt_length: int, threshold: float) -> DecodedSequence:
-        backend, num_layers = self.backend, self.num_layers
-        cost = CostAccount(prefill_flops=backend.prefill_flops(prompt_length))
-        kv = backend.kv_flops()
-        full_head = backend.head_flops(backend.vocab_size)
-        # λ >= 1 never consults an exit head; the adapters' cost depends only on the exit layer
-        adapter_flops = {layer: self._adapter_flops(layer) for layer in set(record.exit_layers)} \
-            if threshold < 1.0 else {}
-        for t, (layer, rows) in enumerate(zip(record.exit_layers, record.head_rows)):
-            if adapter_flops and not (backend.first_token_from_prompt and t == 0):
-                cost.adapter_flops += adapter_flops[layer]
-            if backend.first_token_from_prompt:
-                context, source = prompt_length + t, 0  # token t comes from the pass of position P-1+t
-            else:
-                context, source = t + 1, prompt_length
-            per_layer = backend.layer_flops(context, source)
-            cost.tokens += 1
-            cost.layers_run += layer
-            cost.head_rows += rows
-            cost.kv_propagations += num_layers - layer
-            cost.flops += layer * per_layer + (num_layers - layer) * kv + backend.head_flops(rows)
-            cost.full_flops += num_layers * per_layer + full_head
-        cost.flops += cost.adapter_flops
-        text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(record.token_ids, skip_special_tokens=True)
-        return DecodedSequence(
-            token_ids=record.token_ids,
-            text=text,
-            exit_layers=record.exit_layers,
-            confidences=record.confidences,
-            cost=cost,
-            threshold=threshold,
-            num_layers=num_layers,
-        )

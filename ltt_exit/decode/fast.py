@@ -27,7 +27,7 @@ computed with either applies to both. What changes is how the work reaches the d
   which some row can still exit; pruned heads compute k rows. For the softmax and hidden-state scorers
   with the built-in prunings, the whole exit decision (norm, head rows, scorer, threshold test, state
   update) is one function that ``compile=`` hands to ``torch.compile`` (its kernels are then captured
-  in the layer's graph); other scorers and exit adapters use the reference decoder's own decision code.
+  in the layer's graph; ``fused_decision.py``); other scorers and exit adapters use the eager ``exit_rule.consult``.
 
 Batches: every row keeps its own exit layer (the outputs of each row equal decoding it alone). A layer
 runs in full while any live row of the batch is undecided; once all have exited, only the batched K/V
@@ -42,248 +42,22 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
-from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
 
-from .backends import PromptBatch, T5Backend
-from .backends.decoder_only import DecoderOnlyState
-from .backends.t5 import T5State
-from .decoder import EarlyExitDecoder, _RowRecord, _StepHeads
+from . import exit_rule
+from .backends import PromptBatch
+from .decoder import EarlyExitDecoder
+from .exit_rule import RowRecord
+from .fast_buffers import Session, StackedKV, StepContext
+from .fused_decision import FUSED_PRUNINGS, FUSED_SCORERS, consult_specs, fused_consult
 from .outputs import DecodedSequence
-from .pruning import DecayingPruning, FixedPruning, NoPruning, keep_best
+from .prompts import check_budget, eos_ids, prepare_prompt
 from .schedule import check_thresholds
-from .scorers import ExitView, HiddenCosine, SoftmaxMargin, SoftmaxMax
+from .scorers import ExitView
 
 __all__ = ["FastEarlyExitDecoder"]
 
-#: scorers and prunings whose exit decision has a fused (compilable) implementation here; anything else
-#: (contrastive scorers, custom classes, exit adapters) runs the reference decoder's ``_consult``
-FUSED_SCORERS = (SoftmaxMax, SoftmaxMargin, HiddenCosine)
-FUSED_PRUNINGS = (NoPruning, FixedPruning, DecayingPruning)
-
-
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-class _ConsultSpec:
-    """What the fused exit decision does at one consulted layer.
-
-    full_head: evaluate all V rows of the head (else the previous layer's vocabulary set);
-    keep: keep this many best-ranked ids afterwards (None: keep the set as it is);
-    width: head rows charged per row; exits_only: charge only rows that exit (hidden-state scorer, no pruning).
-    """
-
-    __slots__ = ("full_head", "keep", "width", "exits_only")
-
-    def __init__(self, full_head: bool, keep: int | None, width: int, exits_only: bool):
-        self.full_head, self.keep, self.width, self.exits_only = full_head, keep, width, exits_only
-
-
-def _fused_consult(head: Callable, score: Callable, hidden, hidden_prev, ids, thresholds, may_exit, layer_value,
-                   forced_now, tokens, exit_layers, confidences, undecided, head_rows,
-                   full_head: bool, keep: int | None, width: int, exits_only: bool, forced: bool):
-    """One exit decision for every row, on the device, updating the row state in place.
-
-    hidden, hidden_prev: (B, d) states after layers ℓ and ℓ-1; ids: (B, k) vocabulary set of the previous
-    consulted layer or None; thresholds: (B,) λ_t; may_exit: (B,) bool, undecided rows with a finite λ;
-    layer_value: () long tensor ℓ; forced_now: (B,) forced exit layers (benchmarks) or None.
-    tokens, exit_layers, confidences, undecided, head_rows: (B,) row state, updated in place.
-    Returns the vocabulary set (B, k) the next consulted layer starts from (None: full vocabulary).
-    """
-    logits = head(hidden, None if full_head else ids)
-    new_ids = None if full_head else ids
-    if keep is not None:
-        new_ids, logits = keep_best(logits, new_ids, keep)
-    confidence = score(logits, hidden, hidden_prev)
-    if forced:
-        exits = may_exit & (forced_now == layer_value)
-    else:
-        exits = may_exit & (confidence >= thresholds)
-    charged = exits if exits_only else may_exit
-    head_rows.add_(charged.to(head_rows.dtype) * width)
-    best = logits.argmax(dim=-1)
-    predicted = best if new_ids is None else new_ids.gather(-1, best[:, None]).squeeze(-1)
-    tokens.copy_(torch.where(exits, predicted, tokens))
-    exit_layers.copy_(torch.where(exits, layer_value, exit_layers))
-    confidences.copy_(torch.where(exits, confidence.to(confidences.dtype), confidences))
-    still = ~exits
-    undecided.logical_and_(still)
-    may_exit.logical_and_(still)
-    return new_ids
-
-
-class _StackedKV:
-    """The self-attention K/V projections of every decoder layer, stacked for one batched product.
-
-    For a state h (B, 1, d) copied up from an exit layer, the K/V of layers start..L-1 are
-    proj_ℓ(norm_ℓ(h)): the norm's weight-free part is shared by all layers, the weight and the K/V
-    matrices are per layer. Same arithmetic as each layer's own modules (tested against them).
-    """
-
-    def __init__(self, backend):
-        if isinstance(backend, T5Backend):
-            blocks = [block.layer[0] for block in backend.decoder.block]
-            norms = [b.layer_norm for b in blocks]
-            projections = [(b.SelfAttention.k, b.SelfAttention.v) for b in blocks]
-            self.head_dim = backend.key_value_dim
-            self.rotary = None
-            self.t5_norm = True
-        else:
-            norms = [layer.input_layernorm for layer in backend.layers]
-            projections = [(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in backend.layers]
-            self.head_dim = backend.head_dim
-            self.rotary = backend._apply_rotary
-            self.t5_norm = False
-        epsilons = {float(getattr(n, "variance_epsilon", getattr(n, "eps", float("nan")))) for n in norms}
-        if len(epsilons) != 1 or math.isnan(next(iter(epsilons))):
-            raise TypeError("the fast path needs RMS norms with one shared epsilon before every self-attention")
-        self.eps = epsilons.pop()
-        self.norm_weight = torch.stack([n.weight.detach() for n in norms])  # (L, d)
-        self.kv_dim = projections[0][0].out_features
-        self.weight_t = torch.stack(
-            [torch.cat([k.weight.detach(), v.weight.detach()]).t() for k, v in projections]
-        ).contiguous()  # (L, d, 2 kv)
-        biases = [(k.bias, v.bias) for k, v in projections]
-        self.bias = None
-        if biases[0][0] is not None:
-            self.bias = torch.stack([torch.cat([kb.detach(), vb.detach()]) for kb, vb in biases])  # (L, 2 kv)
-
-    def project(self, hidden: torch.Tensor, start: int, cos=None, sin=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (B, 1, d) -> keys, values (L - start, B, H_kv, 1, d_head) of layers start..L-1."""
-        variance = hidden.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        if self.t5_norm:  # T5LayerNorm: scale in float32, cast only for half-precision weights
-            scaled = hidden * torch.rsqrt(variance + self.eps)
-            if self.norm_weight.dtype in (torch.float16, torch.bfloat16):
-                scaled = scaled.to(self.norm_weight.dtype)
-        else:  # Llama-family RMSNorm: scale in float32, cast back to the input dtype
-            scaled = (hidden.to(torch.float32) * torch.rsqrt(variance + self.eps)).to(hidden.dtype)
-        weight = self.norm_weight[start:]  # (n, d)
-        normed = weight[:, None, :] * scaled[:, 0][None]  # (n, B, d)
-        projected = torch.bmm(normed.to(self.weight_t.dtype), self.weight_t[start:])  # (n, B, 2 kv)
-        if self.bias is not None:
-            projected = projected + self.bias[start:, None, :]
-        n, batch = projected.shape[:2]
-        keys = projected[..., : self.kv_dim].reshape(n, batch, -1, 1, self.head_dim)
-        values = projected[..., self.kv_dim :].reshape(n, batch, -1, 1, self.head_dim)
-        if self.rotary is not None:
-            _, keys = self.rotary(keys, keys, cos, sin)  # K rotated at the token's own position
-        return keys, values
-
-
-class _Session:
-    """Static buffers and captured graphs for one batch shape (batch size, cache length, source length)."""
-
-    def __init__(self, decoder: "FastEarlyExitDecoder", batch: int, cache_len: int, source_len: int,
-                 eos_slots: int, forced: bool):
-        backend = decoder.backend
-        device, dtype, cdtype = backend.device, backend.dtype, decoder.compute_dtype
-        self.batch, self.cache_len, self.source_len, self.forced = batch, cache_len, source_len, forced
-        self.device = device
-        self.cuda = device.type == "cuda"
-        L, d = decoder.num_layers, backend.hidden_size
-        long = dict(dtype=torch.long, device=device)
-        # row state of the current step
-        self.tokens_in = torch.zeros(batch, **long)
-        self.tokens = torch.zeros(batch, **long)
-        self.exit_layers = torch.zeros(batch, **long)
-        self.confidences = torch.zeros(batch, dtype=cdtype, device=device)
-        self.head_rows = torch.zeros(batch, **long)
-        self.undecided = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.may_exit = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.flag = torch.zeros((), dtype=torch.bool, device=device)
-        self.thresholds = torch.zeros(batch, dtype=cdtype, device=device)
-        self.forced_now = torch.zeros(batch, **long)
-        # per-step tables and history (indexed by the generated-token index t)
-        self.step = torch.zeros((), **long)
-        self.budget = torch.zeros((), **long)
-        self.threshold_table = torch.zeros(cache_len + 1, batch, dtype=cdtype, device=device)
-        self.forced_table = torch.zeros(cache_len + 1, batch, **long)
-        self.eos = torch.full((eos_slots,), -1, **long)
-        self.hist_tokens = torch.zeros(cache_len + 1, batch, **long)
-        self.hist_exits = torch.zeros(cache_len + 1, batch, **long)
-        self.hist_conf = torch.zeros(cache_len + 1, batch, dtype=cdtype, device=device)
-        self.hist_rows = torch.zeros(cache_len + 1, batch, **long)
-        self.layer_values = [torch.tensor(layer, **long) for layer in range(L + 1)]
-        # hidden state after each layer (h_0 = embedding); rows that exited keep their copied state
-        self.hs = [torch.zeros(batch, 1, d, dtype=dtype, device=device) for _ in range(L + 1)]
-        # host copies of the device flags, read behind events
-        pin = self.cuda
-        self.host_flags = torch.zeros(L + 1, dtype=torch.bool, pin_memory=pin)
-        self.host_done = torch.zeros(2, batch, dtype=torch.bool, pin_memory=pin)
-        self.flag_events = [torch.cuda.Event() for _ in range(L + 1)] if self.cuda else None
-        self.done_events = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
-        # self-attention cache: the library's StaticLayer objects over one stacked buffer
-        self.slot = torch.zeros((), **long)
-        self.slot_range = torch.arange(cache_len, **long)
-        if isinstance(backend, T5Backend):
-            heads, head_dim = backend.model.config.num_heads, backend.key_value_dim
-        else:
-            heads, head_dim = backend.config.num_key_value_heads, backend.head_dim
-        shape = (L, batch, heads, cache_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(L, **long)
-        self.self_cache = Cache(layers=[self._static_layer(i, self.keys, self.values, self.lengths, cache_len)
-                                        for i in range(L)])
-        self.mask = torch.zeros(batch, 1, 1, cache_len, dtype=torch.bool, device=device)
-        if isinstance(backend, T5Backend):
-            self.family = "t5"
-            kv_heads = backend.model.config.num_heads
-            cross_shape = (L, batch, kv_heads, source_len, head_dim)
-            self.cross_keys = torch.zeros(cross_shape, dtype=dtype, device=device)
-            self.cross_values = torch.zeros(cross_shape, dtype=dtype, device=device)
-            self.cross_lengths = torch.full((L,), source_len, **long)
-            cross = Cache(layers=[self._static_layer(i, self.cross_keys, self.cross_values, self.cross_lengths,
-                                                     source_len) for i in range(L)])
-            cache = EncoderDecoderCache(self.self_cache, cross)
-            for i in range(L):
-                cache.is_updated[i] = True  # cross-attention K/V are loaded once per call
-            self.encoder_mask = torch.zeros(batch, 1, 1, source_len, dtype=torch.bool, device=device)
-            self.encoder_hidden = torch.zeros(batch, source_len, d, dtype=dtype, device=device)  # only its shape is read
-            self.state = T5State(self.encoder_hidden, self.encoder_mask, cache, batch, self_mask=self.mask)
-            self.self_bias = None  # static copies of layer 0's position biases (allocated on first use)
-            self.cross_bias = None
-        else:
-            self.family = "decoder-only"
-            self.positions = torch.zeros(batch, **long)
-            self.position_ids = torch.zeros(batch, 1, **long)
-            rotary_dim = backend.head_dim
-            self.cos = torch.zeros(batch, 1, rotary_dim, dtype=dtype, device=device)
-            self.sin = torch.zeros(batch, 1, rotary_dim, dtype=dtype, device=device)
-            masks = {"full_attention": self.mask}
-            self.window = None
-            if "sliding_attention" in backend.layer_types:
-                self.window = int(backend.config.sliding_window)
-                self.sliding_mask = torch.zeros_like(self.mask)
-                masks["sliding_attention"] = self.sliding_mask
-            self.state = DecoderOnlyState(self.self_cache, None, self.positions, None, position_ids=self.position_ids,
-                                          position_embeddings=(self.cos, self.sin), masks=masks)
-        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
-        self.capture_ctx = None
-
-    @staticmethod
-    def _static_layer(index, keys, values, lengths, cache_len) -> StaticLayer:
-        layer = StaticLayer(max_cache_len=cache_len)
-        layer.keys, layer.values = keys[index], values[index]
-        layer.cumulative_length = lengths[index]  # a 0-d view: every layer advances its own entry in place
-        layer.device = keys.device
-        layer.batch_size, layer.num_heads = keys.shape[1], keys.shape[2]
-        layer.k_head_dim = layer.v_head_dim = keys.shape[-1]
-        layer.is_initialized = True
-        return layer
-
-
-class _StepContext:
-    """Python-side objects one step's pieces share: the exit-head memo (generic decisions) and the
-    vocabulary set handed from one consulted layer to the next. A captured step keeps its context."""
-
-    def __init__(self, decoder: "FastEarlyExitDecoder", session: _Session):
-        self.set_ids = None
-        self.heads = None
-        if not decoder._fused:
-            hiddens = [h[:, 0] for h in session.hs]
-            self.heads = _StepHeads(decoder.backend, hiddens, session.head_rows, decoder.exit_adapters)
 
 
 class FastEarlyExitDecoder(EarlyExitDecoder):
@@ -316,14 +90,15 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         self.lookahead = lookahead
         self.length_bucket = length_bucket
         self.max_sessions = max_sessions
-        self._sessions: OrderedDict[tuple, _Session] = OrderedDict()
-        self._stacked = _StackedKV(self.backend)
+        self._sessions: OrderedDict[tuple, Session] = OrderedDict()
+        self._stacked = StackedKV(self.backend)
         self._fused = (
             self.exit_adapters is None
             and type(self.scorer) in FUSED_SCORERS
             and type(self.pruning) in FUSED_PRUNINGS
         )
-        self._specs = self._consult_specs() if self._fused else {}
+        self._specs = consult_specs(self.scorer, self.pruning, self.backend.vocab_size, self.min_exit_layer,
+                                     self.num_layers) if self._fused else {}
         scorer = self.scorer
         self._head = self.backend.head
 
@@ -332,11 +107,11 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             return scorer.score(ExitView(layer=0, logits=logits, hidden=hidden, hidden_prev=hidden_prev))
 
         self._score = score
-        self._consult_fn = _fused_consult
+        self._consult_fn = fused_consult
         self.compile_backend = None
         if compile and self._fused:
             self.compile_backend = "inductor" if compile is True else compile
-            self._consult_fn = torch.compile(_fused_consult, backend=self.compile_backend, fullgraph=True,
+            self._consult_fn = torch.compile(fused_consult, backend=self.compile_backend, fullgraph=True,
                                              dynamic=False)
         #: after each generate(): host reads of decision flags and of EOS flags, graph replays, steps run
         self.last_stats: dict[str, int] = {}
@@ -344,34 +119,16 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
     # ---- plan -------------------------------------------------------------------------------------
     @property
     def uses_fused_decision(self) -> bool:
-        """Whether exit decisions use the fused (compilable) implementation rather than ``_consult``."""
+        """Whether exit decisions use the fused (compilable) implementation rather than ``exit_rule.consult``."""
         return self._fused
 
-    def _consulted(self, layer: int) -> bool:
-        return self.min_exit_layer <= layer < self.num_layers
+    def _step_context(self, session: Session) -> StepContext:
+        return StepContext(session, self.backend, self.exit_adapters, eager_heads=not self._fused)
 
-    def _consult_specs(self) -> dict[int, _ConsultSpec]:
-        vocab, j = self.backend.vocab_size, self.min_exit_layer
-        exits_only = (not self.scorer.needs_logits) and isinstance(self.pruning, NoPruning)
-        specs, previous = {}, None
-        for layer in range(j, self.num_layers):
-            if isinstance(self.pruning, NoPruning):
-                spec = _ConsultSpec(True, None, vocab, exits_only)
-            elif isinstance(self.pruning, FixedPruning):
-                kept = min(self.pruning.k, vocab)
-                spec = _ConsultSpec(True, kept, vocab, False) if layer == j else _ConsultSpec(False, None, previous, False)
-                previous = kept
-            else:
-                wanted = self.pruning.k_at(layer, self.num_layers)
-                if layer == j:
-                    kept = min(wanted, vocab)
-                    spec = _ConsultSpec(True, kept, vocab, False)
-                else:
-                    kept = min(wanted, previous)
-                    spec = _ConsultSpec(False, kept, previous, False)
-                previous = kept
-            specs[layer] = spec
-        return specs
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether steps replay captured CUDA graphs (``cuda_graphs``, or by default: the model is on CUDA)."""
+        return self._graphs_on()
 
     def _graphs_on(self) -> bool:
         on = self.backend.device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs
@@ -397,15 +154,15 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             token exits (L: no exit) instead of the threshold test; rows need a finite threshold. The
             head and the scorer still run at every consulted layer, so the work done is the real one.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        prompt = self._prepare_prompt(prompts, input_ids, attention_mask)
+        check_budget(max_new_tokens)
+        prompt = prepare_prompt(self.backend, self.tokenizer, prompts, input_ids, attention_mask)
         batch = prompt.input_ids.shape[0]
         thresholds = check_thresholds(threshold, batch)
-        eos = self._eos_ids(eos_token_id)
+        eos = eos_ids(self.backend, eos_token_id)
         forced = self._check_forced(force_exit_layers, batch, max_new_tokens, thresholds)
         records = self._fast_decode(prompt, thresholds, max_new_tokens, eos, forced)
-        return [self._finish(record, prompt.lengths[row], thresholds[row]) for row, record in enumerate(records)]
+        return [exit_rule.finish_sequence(self, record, prompt.lengths[row], thresholds[row])
+                for row, record in enumerate(records)]
 
     def _check_forced(self, forced, batch, max_new_tokens, thresholds):
         if forced is None:
@@ -423,7 +180,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         return [row[:max_new_tokens] for row in rows]
 
     # ---- sessions -----------------------------------------------------------------------------------
-    def _session(self, batch: int, cache_len: int, source_len: int, eos_slots: int, forced: bool) -> _Session:
+    def _session(self, batch: int, cache_len: int, source_len: int, eos_slots: int, forced: bool) -> Session:
         key = (batch, cache_len, source_len, eos_slots, forced)
         session = self._sessions.get(key)
         if session is not None:
@@ -431,13 +188,14 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             return session
         while len(self._sessions) >= self.max_sessions:
             self._sessions.popitem(last=False)
-        session = _Session(self, batch, cache_len, source_len, eos_slots, forced)
+        session = Session(self.backend, self.num_layers, self.compute_dtype, batch, cache_len, source_len,
+                          eos_slots, forced)
         if self._graphs_on():
             self._capture(session)
         self._sessions[key] = session
         return session
 
-    def _pieces(self, session: _Session, ctx_of: Callable[[], _StepContext]) -> list[tuple[str, str, Callable]]:
+    def _pieces(self, session: Session, ctx_of: Callable[[], StepContext]) -> list[tuple[str, str, Callable]]:
         """(name, pool, function) of every piece of a step, in capture order."""
         L, j = self.num_layers, self.min_exit_layer
         first_consulted_index = j - 1
@@ -465,12 +223,12 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         pieces.append(("full", "full", full))
         return pieces
 
-    def _capture(self, session: _Session) -> None:
+    def _capture(self, session: Session) -> None:
         """Warm every piece up once (compiles, library lazy set-up), then capture each as a CUDA graph.
 
         The layer pieces share one memory pool and one step context, captured in step order, so a tensor one
         of them keeps (a vocabulary set, a memoised head) is read by the later ones at a fixed address."""
-        warm_ctx = _StepContext(self, session)
+        warm_ctx = self._step_context(session)
         side = torch.cuda.Stream(device=session.device)
         side.wait_stream(torch.cuda.current_stream(session.device))
         with torch.cuda.stream(side), _recompile_room():
@@ -479,7 +237,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
                 piece()
         torch.cuda.current_stream(session.device).wait_stream(side)
         torch.cuda.synchronize(session.device)
-        session.capture_ctx = _StepContext(self, session)
+        session.capture_ctx = self._step_context(session)
         pools = {name: torch.cuda.graph_pool_handle() for name in ("layers", "aux", "full")}
         for name, pool, piece in self._pieces(session, lambda: session.capture_ctx):
             graph = torch.cuda.CUDAGraph()
@@ -488,7 +246,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             session.graphs[name] = graph
         torch.cuda.synchronize(session.device)
 
-    def _reset_for_warmup(self, session: _Session) -> None:
+    def _reset_for_warmup(self, session: Session) -> None:
         """Harmless values for the warm-up pass (the real ones are loaded by every generate call)."""
         session.mask.fill_(True)
         session.lengths.zero_()
@@ -502,7 +260,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             session.encoder_mask.fill_(True)
 
     # ---- pieces of a step -------------------------------------------------------------------------
-    def _begin(self, s: _Session) -> None:
+    def _begin(self, s: Session) -> None:
         """Embed the fed tokens into h_0, open the next cache slot, set this step's thresholds and row state."""
         backend = self.backend
         if s.family == "t5":
@@ -529,13 +287,13 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         s.confidences.fill_(math.nan)
         s.head_rows.zero_()
 
-    def _layer(self, s: _Session, ctx: _StepContext | None, index: int, consult: bool = True) -> None:
+    def _layer(self, s: Session, ctx: StepContext | None, index: int, consult: bool = True) -> None:
         """Decoder layer ``index`` through the library module; exited rows keep their state; then the exit
         decision at layer index + 1 when it is consulted."""
         state = s.state
         if s.family == "t5" and index == 0:
             state.self_bias = state.cross_bias = None  # layer 0 computes the position biases of the step
-        output = self.backend.run_layer(state, index, s.hs[index])
+        output = self.backend.run_layer(state, index, s.hs[index])  # every row: static shapes
         if s.family == "t5" and index == 0:
             if s.self_bias is None:
                 s.self_bias = torch.empty_like(state.self_bias)
@@ -543,16 +301,16 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             s.self_bias.copy_(state.self_bias)
             s.cross_bias.copy_(state.cross_bias)
             state.self_bias, state.cross_bias = s.self_bias, s.cross_bias
-        torch.where(s.undecided[:, None, None], output, s.hs[index], out=s.hs[index + 1])
+        exit_rule.keep_exited_state(s.undecided, output, s.hs[index], out=s.hs[index + 1])
         layer = index + 1
-        if consult and self._consulted(layer):
+        if consult and exit_rule.is_consulted(layer, self.min_exit_layer, self.num_layers):
             if self._fused:
                 self._decide_fused(s, ctx, layer)
             else:
                 self._decide_generic(s, ctx, layer)
             torch.logical_not(s.undecided.any(), out=s.flag)
 
-    def _decide_fused(self, s: _Session, ctx: _StepContext, layer: int) -> None:
+    def _decide_fused(self, s: Session, ctx: StepContext, layer: int) -> None:
         spec = self._specs[layer]
         ctx.set_ids = self._consult_fn(
             self._head, self._score, s.hs[layer][:, 0], s.hs[layer - 1][:, 0], ctx.set_ids, s.thresholds, s.may_exit,
@@ -560,17 +318,19 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             s.undecided, s.head_rows, spec.full_head, spec.keep, spec.width, spec.exits_only, s.forced,
         )
 
-    def _decide_generic(self, s: _Session, ctx: _StepContext, layer: int) -> None:
-        exits, predicted, confidence, ctx.set_ids = self._consult(layer, ctx.heads, s.may_exit, s.thresholds,
-                                                                  ctx.set_ids)
-        s.tokens.copy_(torch.where(exits, predicted, s.tokens))
-        s.exit_layers.copy_(torch.where(exits, s.layer_values[layer], s.exit_layers))
-        s.confidences.copy_(torch.where(exits, confidence.to(s.confidences.dtype), s.confidences))
+    def _decide_generic(self, s: Session, ctx: StepContext, layer: int) -> None:
+        exits, predicted, confidence, ctx.set_ids = exit_rule.consult(self, layer, ctx.heads, s.may_exit,
+                                                                      s.thresholds, ctx.set_ids)
+        tokens, exit_layers, confidences = exit_rule.apply_exits(exits, s.layer_values[layer], predicted, confidence,
+                                                       s.tokens, s.exit_layers, s.confidences)
+        s.tokens.copy_(tokens)
+        s.exit_layers.copy_(exit_layers)
+        s.confidences.copy_(confidences)
         still = ~exits
         s.undecided.logical_and_(still)
         s.may_exit.logical_and_(still)
 
-    def _kv_tail(self, s: _Session, start: int) -> None:
+    def _kv_tail(self, s: Session, start: int) -> None:
         """Every row has exited: the K/V of layers start..L-1 from the copied states, one batched product."""
         cos, sin = (s.cos, s.sin) if s.family == "decoder-only" else (None, None)
         keys, values = self._stacked.project(s.hs[start], start, cos, sin)
@@ -579,12 +339,11 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         s.values[start:].index_copy_(3, position, values.to(s.values.dtype))
         s.lengths[start:].add_(1)
 
-    def _finish_step(self, s: _Session, final_head: bool) -> None:
+    def _finish_step(self, s: Session, final_head: bool) -> None:
         """Final full-vocabulary head for rows still undecided; record the step; feed the tokens back."""
         if final_head:
-            logits = self.backend.head(s.hs[self.num_layers][:, 0], None)
-            s.head_rows.add_(s.undecided.to(s.head_rows.dtype) * self.backend.vocab_size)
-            s.tokens.copy_(torch.where(s.undecided, logits.argmax(dim=-1), s.tokens))
+            s.tokens.copy_(exit_rule.final_head(self.backend, s.hs[self.num_layers][:, 0], s.undecided, s.tokens,
+                                                s.head_rows, only_undecided_rows=False))
         at = s.step.view(1)
         s.hist_tokens.index_copy_(0, at, s.tokens[None])
         s.hist_exits.index_copy_(0, at, s.exit_layers[None])
@@ -599,7 +358,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             s.positions.add_(1)
 
     # ---- the step loop ----------------------------------------------------------------------------
-    def _run(self, s: _Session, name: str, piece: Callable[[], None]) -> None:
+    def _run(self, s: Session, name: str, piece: Callable[[], None]) -> None:
         graph = s.graphs.get(name)
         if graph is not None:
             graph.replay()
@@ -607,34 +366,29 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             piece()
         self._stats["launches"] += 1
 
-    def _post(self, s: _Session, index: int) -> None:
+    def _post(self, s: Session, index: int) -> None:
         """Queue the copy of the device flag for consulted layer index + 1 to the host."""
         s.host_flags[index].copy_(s.flag, non_blocking=s.cuda)
         if s.cuda:
             s.flag_events[index].record()
 
-    def _all_exited(self, s: _Session, index: int) -> bool:
+    def _all_exited(self, s: Session, index: int) -> bool:
         if s.cuda:
             s.flag_events[index].synchronize()
         self._stats["flag_reads"] += 1
         return bool(s.host_flags[index])
 
     def _fast_decode(self, prompt: PromptBatch, thresholds: list[float], max_new_tokens: int, eos: set[int],
-                     forced: list[list[int]] | None) -> list[_RowRecord]:
+                     forced: list[list[int]] | None) -> list[RowRecord]:
         backend, L = self.backend, self.num_layers
         self._stats = {"launches": 0, "flag_reads": 0, "done_reads": 0, "steps": 0}
         batch = len(thresholds)
-        records = [_RowRecord() for _ in thresholds]
+        records = [RowRecord() for _ in thresholds]
         state0 = backend.start(prompt)
         if backend.first_token_from_prompt:
             first = backend.prompt_logits(state0).argmax(dim=-1)
-            first_host = first.tolist()
-            for row, token in enumerate(first_host):
-                records[row].token_ids.append(int(token))
-                records[row].exit_layers.append(L)
-                records[row].confidences.append(math.nan)
-                records[row].head_rows.append(backend.vocab_size)
-            if max_new_tokens == 1 or all(token in eos for token in first_host):
+            exit_rule.record_prefill_tokens(records, first.tolist(), L, backend.vocab_size)
+            if all(record.is_finished(eos, max_new_tokens) for record in records):
                 self.last_stats = dict(self._stats)
                 return records
             first_step = 1
@@ -653,7 +407,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         finished_steps = 0
         with _recompile_room() if self.compile_backend else _nothing():
             for step in range(first_step, max_new_tokens):
-                ctx = s.capture_ctx if s.graphs else _StepContext(self, s)
+                ctx = s.capture_ctx if s.graphs else self._step_context(s)
                 if consult:
                     self._consulting_step(s, ctx)
                 else:
@@ -670,13 +424,13 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         self.last_stats = dict(self._stats)
         return records
 
-    def _pieces_full(self, s: _Session) -> None:
+    def _pieces_full(self, s: Session) -> None:
         self._begin(s)
         for index in range(self.num_layers):
             self._layer(s, None, index, consult=False)
         self._finish_step(s, True)
 
-    def _consulting_step(self, s: _Session, ctx: _StepContext) -> None:
+    def _consulting_step(self, s: Session, ctx: StepContext) -> None:
         """Queue one step layer by layer, reading each decision ``lookahead`` layers late."""
         L, j = self.num_layers, self.min_exit_layer
 
@@ -691,7 +445,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         index = j - 1
         while index < L:
             self._run(s, f"layer{index}", lambda i=index: self._layer(s, ctx, i))
-            if index < L - 1:  # layer index + 1 is consulted
+            if exit_rule.is_consulted(index + 1, j, L):  # its decision is read back, lookahead layers later
                 self._post(s, index)
                 pending.append(index)
             index += 1
@@ -709,13 +463,13 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         else:
             self._run(s, "finish_head", lambda: self._finish_step(s, True))
 
-    def _post_done(self, s: _Session, step: int) -> None:
+    def _post_done(self, s: Session, step: int) -> None:
         slot = step % 2
         s.host_done[slot].copy_(s.done, non_blocking=s.cuda)
         if s.cuda:
             s.done_events[slot].record()
 
-    def _finished(self, s: _Session, step: int) -> bool:
+    def _finished(self, s: Session, step: int) -> bool:
         """Whether every row had finished after ``step`` (waits for that step)."""
         slot = step % 2
         if s.cuda:
@@ -723,7 +477,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         self._stats["done_reads"] += 1
         return bool(s.host_done[slot].all())
 
-    def _load(self, s: _Session, prompt: PromptBatch, state0: Any, first: torch.Tensor, thresholds: list[float],
+    def _load(self, s: Session, prompt: PromptBatch, state0: Any, first: torch.Tensor, thresholds: list[float],
               max_new_tokens: int, eos: set[int], forced, first_step: int) -> None:
         """Copy this call's prompt state, thresholds and settings into the session's buffers."""
         L = self.num_layers
@@ -774,7 +528,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             return
         s.sliding_mask.zero_()
 
-    def _collect(self, s: _Session, records: list[_RowRecord], first_step: int, completed: int, max_new_tokens: int,
+    def _collect(self, s: Session, records: list[RowRecord], first_step: int, completed: int, max_new_tokens: int,
                  eos: set[int]) -> None:
         """Rows' tokens from the history, each cut at its first EOS or at the budget (as the reference does)."""
         if completed <= first_step:
@@ -785,14 +539,11 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         confidences = s.hist_conf[span].t().tolist()
         rows = s.hist_rows[span].t().tolist()
         for row, record in enumerate(records):
-            if record.token_ids and (record.token_ids[-1] in eos or len(record.token_ids) >= max_new_tokens):
+            if record.is_finished(eos, max_new_tokens):
                 continue
             for token, layer, confidence, head_rows in zip(tokens[row], exits[row], confidences[row], rows[row]):
-                record.token_ids.append(int(token))
-                record.exit_layers.append(int(layer))
-                record.confidences.append(float(confidence))
-                record.head_rows.append(int(head_rows))
-                if token in eos or len(record.token_ids) >= max_new_tokens:
+                record.append(token, layer, confidence, head_rows)
+                if record.is_finished(eos, max_new_tokens):
                     break
 
 

@@ -34,16 +34,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 
 from .backends import PromptBatch
+from . import exit_rule
+from .exit_rule import ExitSettings, RowRecord, finish_sequence, record_prefill_tokens
 from .outputs import DecodedSequence
 from .schedule import check_thresholds
-
-if TYPE_CHECKING:
-    from .decoder import EarlyExitDecoder
 
 __all__ = ["GridStats", "StepTrace", "decode_grid"]
 
@@ -83,7 +80,7 @@ class GridStats:
 
 
 class StepTrace:
-    """What the representative rows saw during one step (filled by ``EarlyExitDecoder._decode_position``).
+    """What the representative rows saw during one step (filled by ``exit_rule.decode_position``).
 
     hiddens: list of (B, d) states after each layer run (index 0: the input embedding); a row's entries
     above its exit layer are its frozen copy. Per consulted layer: the layer number, which rows were
@@ -142,7 +139,7 @@ class StepTrace:
             return row_tokens[group], torch.full_like(group, num_layers), nan, at_last_layer_head
         device = group.device
         confidences = torch.stack(self.confidences)[:, group]  # (C, M)
-        passes = torch.stack(self.consulting)[:, group] & (confidences >= thresholds[None, :])
+        passes = exit_rule.exits_at(confidences, thresholds[None, :], torch.stack(self.consulting)[:, group])
         consulted = len(self.layers)
         order = torch.arange(consulted, device=device)[:, None]
         first = torch.where(passes, order, consulted).amin(dim=0)  # first consulted layer cleared, else C
@@ -183,7 +180,7 @@ def check_grid(lambdas: Sequence[float]) -> list[float]:
 
 
 def decode_grid(
-    decoder: EarlyExitDecoder,
+    decoder: ExitSettings,
     prompt: PromptBatch,
     lambdas: Sequence[float],
     max_new_tokens: int,
@@ -195,21 +192,20 @@ def decode_grid(
     its sequence at lambdas[j]; every sequence (tokens, exit layers, confidences, cost account) is what
     ``decoder.generate`` gives that candidate decoded alone.
     """
-    from .decoder import _RowRecord
-
     grid = check_grid(lambdas)
     backend = decoder.backend
     device, compute_dtype = backend.device, decoder.compute_dtype
     num_layers, vocab_size = decoder.num_layers, backend.vocab_size
     base = [math.inf, *grid]  # candidate 0 is the full model
     prompts = prompt.input_ids.shape[0]
-    records = [[_RowRecord() for _ in base] for _ in range(prompts)]
+    records = [[RowRecord() for _ in base] for _ in range(prompts)]
     stats = GridStats(prompts=prompts, candidates=len(base))
     state = backend.start(prompt)
     rows = [_Group(p, list(range(len(base)))) for p in range(prompts)]
 
-    def finished(group: _Group, token: int) -> bool:
-        return token in eos or len(records[group.prompt][group.members[0]].token_ids) >= max_new_tokens
+    def finished(group: _Group) -> bool:
+        """Whether the group's members (one history) stop after the token just recorded."""
+        return records[group.prompt][group.members[0]].is_finished(eos, max_new_tokens)
 
     if backend.first_token_from_prompt:
         # the prefill ran every layer for the prompt; its last position predicts token 0 with the full model
@@ -218,13 +214,9 @@ def decode_grid(
         stats.candidate_rows_per_step.append(prompts * len(base))
         for group in rows:
             group.token = int(first[group.prompt])
-            for member in group.members:
-                record = records[group.prompt][member]
-                record.token_ids.append(group.token)
-                record.exit_layers.append(num_layers)
-                record.confidences.append(math.nan)
-                record.head_rows.append(vocab_size)
-        kept = [r for r, group in enumerate(rows) if not finished(group, group.token)]
+            record_prefill_tokens([records[group.prompt][m] for m in group.members],
+                                  [group.token] * len(group.members), num_layers, vocab_size)
+        kept = [r for r, group in enumerate(rows) if not finished(group)]
         if len(kept) < len(rows):
             rows = [rows[r] for r in kept]
             if rows:
@@ -246,8 +238,8 @@ def decode_grid(
         group_index = torch.tensor(member_row, dtype=torch.long, device=device)
         exit_thresholds, consult_thresholds = _row_thresholds(group_index, thresholds, len(rows))
         trace = StepTrace()
-        row_tokens, _, _, row_head_rows = decoder._decode_position(
-            state, inputs, exit_thresholds, consult_thresholds=consult_thresholds, trace=trace
+        row_tokens, _, _, row_head_rows = exit_rule.decode_position(
+            decoder, state, inputs, exit_thresholds, consult_thresholds=consult_thresholds, trace=trace
         )
         tokens, exit_layers, confidences, head_rows = trace.resolve(
             group_index, thresholds, row_tokens, row_head_rows, num_layers, vocab_size
@@ -264,18 +256,14 @@ def decode_grid(
             by_exit: dict[int, _Group] = {}
             for member in group.members:
                 token, layer, rows_charged = values[0][position], values[1][position], values[2][position]
-                record = records[group.prompt][member]
-                record.token_ids.append(int(token))
-                record.exit_layers.append(int(layer))
-                record.confidences.append(float(member_confidences[position]))
-                record.head_rows.append(int(rows_charged))
+                records[group.prompt][member].append(token, layer, member_confidences[position], rows_charged)
                 position += 1
                 if layer not in by_exit:
                     by_exit[layer] = _Group(group.prompt, [], int(token))
                 by_exit[layer].members.append(member)
             top = max(by_exit)  # this subgroup's state is the representative's own
             for layer, subgroup in by_exit.items():
-                if finished(subgroup, subgroup.token):
+                if finished(subgroup):
                     continue
                 if layer != top:
                     overwrites.append((len(new_rows), layer, r))
@@ -294,7 +282,7 @@ def decode_grid(
     full, early = [], []
     for p in range(prompts):
         length = prompt.lengths[p]
-        sequences = [decoder._finish(records[p][c], length, base[c]) for c in range(len(base))]
+        sequences = [finish_sequence(decoder, records[p][c], length, base[c]) for c in range(len(base))]
         full.append(sequences[0])
         early.append(sequences[1:])
     return full, early, stats

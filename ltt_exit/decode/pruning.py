@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .scorers import _split_spec
+from .scorers import split_spec
 
 __all__ = [
     "PrunedHead",
@@ -159,7 +159,7 @@ def resolve_pruning(spec: str | VocabPruning | tuple[str, dict[str, Any]]) -> Vo
     """A pruning object from a registry name, an instance, or a ``(name, kwargs)`` pair."""
     if isinstance(spec, VocabPruning):
         return spec
-    name, kwargs = _split_spec(spec, "pruning")
+    name, kwargs = split_spec(spec, "pruning")
     if name not in PRUNINGS:
         raise ValueError(f"unknown pruning {name!r}; known prunings: {sorted(PRUNINGS)}")
     try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from .prompts import eos_ids
 from .scorers import ExitView
 
 __all__ = ["ReferenceResult", "reference_generate"]
@@ -95,7 +96,7 @@ def _run_position(decoder, layer_fn, embeddings: torch.Tensor, exits_before: lis
 def reference_generate(decoder, prompt_ids: list[int], threshold: float, max_new_tokens: int, eos_token_id=None):
     """Decode one unpadded prompt with ``decoder``'s settings, the slow way."""
     backend = decoder.backend
-    eos = decoder._eos_ids(eos_token_id)
+    eos = eos_ids(backend, eos_token_id)
     device = backend.device
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     tokens, exit_layers, confidences = [], [], []

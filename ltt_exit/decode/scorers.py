@@ -436,7 +436,7 @@ def resolve_scorer(spec: str | ConfidenceScorer | tuple[str, dict[str, Any]]) ->
     """A scorer from a registry name, an instance, or a ``(name, kwargs)`` pair."""
     if isinstance(spec, ConfidenceScorer):
         return spec
-    name, kwargs = _split_spec(spec, "scorer")
+    name, kwargs = split_spec(spec, "scorer")
     known = SCORERS | FITTED_SCORERS
     if name not in known:
         raise ValueError(f"unknown scorer {name!r}; known scorers: {sorted(known)}")
@@ -446,7 +446,9 @@ def resolve_scorer(spec: str | ConfidenceScorer | tuple[str, dict[str, Any]]) ->
         raise ValueError(f"bad parameters for scorer {name!r}: {err}") from None
 
 
-def _split_spec(spec: Any, kind: str) -> tuple[str, dict[str, Any]]:
+def split_spec(spec: Any, kind: str) -> tuple[str, dict[str, Any]]:
+    """A component given by name or as a ``(name, kwargs)`` pair -> (name, kwargs); ``kind`` names the
+    argument in the error (scorers and prunings are both given this way)."""
     if isinstance(spec, str):
         return spec, {}
     if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):

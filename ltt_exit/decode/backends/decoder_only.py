@@ -82,7 +82,7 @@ class DecoderOnlyBackend(ExitBackend):
         # the library's forward); a subclass with another forward always runs whole layers
         self._split_layers = all(type(layer).__name__ in _PRE_NORM_LAYERS for layer in self.layers)
         # the family's own rotary helper, from the module that defines its attention class
-        self._apply_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.apply_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
 
     @classmethod
     def supports(cls, model: torch.nn.Module) -> bool:
@@ -193,7 +193,7 @@ class DecoderOnlyBackend(ExitBackend):
         shape = (hidden.shape[0], hidden.shape[1], -1, self.head_dim)
         keys = attention.k_proj(normed).view(shape).transpose(1, 2)
         values = attention.v_proj(normed).view(shape).transpose(1, 2)
-        _, keys = self._apply_rotary(keys, keys, cos, sin)  # K rotated at the token's own position
+        _, keys = self.apply_rotary(keys, keys, cos, sin)  # K rotated at the token's own position
         return keys, values
 
     def propagate_kv(self, state: DecoderOnlyState, index: int, hidden: torch.Tensor) -> None:
