@@ -102,6 +102,46 @@ CERTIFICATE_SCHEMA: dict[str, Any] = {
         "wsr_seed": {"type": ["integer", "null"], "minimum": 0, "description": "seed of the example shuffle (WSR only)"},
         "metadata": {"type": "object", "description": "free-form: model and tokenizer fingerprints, decoder configuration, dataset fingerprint, ..."},
         "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$", "description": "SHA-256 of the canonical JSON of all other fields; detects edits, not a signature"},
+        "pareto": {
+            "type": "object",
+            "description": (
+                "Pareto Testing only (procedure pareto-testing; absent otherwise): the split, every risk's "
+                "delta, optimisation and testing risks and p-values, the tested order, the configurations, "
+                "the safe index and the configuration to decode with. docs/certification.md#pareto-testing"
+            ),
+            "required": ["split", "risks", "tested_order", "safe_index", "configurations", "configuration"],
+            "properties": {
+                "split": {
+                    "type": "object",
+                    "required": ["fraction", "seed", "n_optimisation", "n_testing"],
+                    "properties": {
+                        "fraction": _open_unit,
+                        "seed": {"type": "integer", "minimum": 0},
+                        "n_optimisation": {"type": "integer", "minimum": 1},
+                        "n_testing": {"type": "integer", "minimum": 1},
+                    },
+                },
+                "risks": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "delta", "optimisation_risk", "testing_risk", "pvalues"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "delta": _open_unit,
+                            "optimisation_risk": _unit_array,
+                            "testing_risk": _unit_array,
+                            "pvalues": _unit_array,
+                        },
+                    },
+                },
+                "tested_order": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                "safe_index": {"type": "integer", "minimum": 0},
+                "configurations": {"anyOf": [{"type": "array", "items": {"type": "object"}}, {"type": "null"}]},
+                "configuration": {"type": ["object", "null"]},
+            },
+        },
     },
 }
 
@@ -167,6 +207,8 @@ class Certificate:
     costs: list | None = None
     wsr_seed: int | None = None
     metadata: dict = field(default_factory=dict)
+    #: Pareto Testing record (``ltt_exit.certify.pareto``); None for single-grid certificates
+    pareto: dict | None = None
     created_at: str = field(default_factory=_now)
     ltt_exit_version: str = __version__
     schema_version: int = SCHEMA_VERSION
@@ -181,6 +223,8 @@ class Certificate:
             set_("costs", [float(v) for v in _to_json_value(self.costs, "costs")])
         set_("procedure", _to_json_value(self.procedure, "procedure"))
         set_("metadata", _to_json_value(self.metadata, "metadata"))
+        if self.pareto is not None:
+            set_("pareto", _to_json_value(self.pareto, "pareto"))
         set_("lambda_hat", float(_to_json_value(self.lambda_hat, "lambda_hat")))
         set_("delta", float(_to_json_value(self.delta, "delta")))
         set_("epsilon", float(_to_json_value(self.epsilon, "epsilon")))
@@ -218,7 +262,9 @@ class Certificate:
         if self.order not in ("descending", "ascending"):
             raise CertificateError(f"order must be 'descending' or 'ascending'; got {self.order!r}")
         steps = np.diff(self.lambdas)
-        if (self.order == "descending" and (steps >= 0).any()) or (self.order == "ascending" and (steps <= 0).any()):
+        # A Pareto Testing certificate's lambdas are each configuration's λ: a space, not a grid.
+        not_monotone = (self.order == "descending" and (steps >= 0).any()) or (self.order == "ascending" and (steps <= 0).any())
+        if self.pareto is None and not_monotone:
             raise CertificateError(f"lambdas are not strictly {self.order}")
         if self.certified_any != any(self.certified):
             raise CertificateError("certified_any disagrees with the certified list")
@@ -237,6 +283,25 @@ class Certificate:
             raise CertificateError("procedure must be {'name': ..., 'params': {...}}")
         if not isinstance(self.metadata, dict):
             raise CertificateError("metadata must be a JSON object (dict)")
+        if self.pareto is not None:
+            self._check_pareto(k)
+
+    def _check_pareto(self, k: int) -> None:
+        pareto = self.pareto
+        if not isinstance(pareto, dict) or not isinstance(pareto.get("risks"), list) or not pareto["risks"]:
+            raise CertificateError("pareto must be a dict with a non-empty risks list")
+        for r, risk in enumerate(pareto["risks"]):
+            for name in ("optimisation_risk", "testing_risk", "pvalues"):
+                if not isinstance(risk, dict) or len(risk.get(name) or []) != k:
+                    raise CertificateError(f"pareto.risks[{r}].{name} must have one entry per configuration ({k})")
+        order = pareto.get("tested_order") or []
+        if any(not isinstance(j, int) or not 0 <= j < k for j in order) or len(set(order)) != len(order):
+            raise CertificateError("pareto.tested_order must list distinct configuration indices")
+        safe = pareto.get("safe_index")
+        if not isinstance(safe, int) or not 0 <= safe < k:
+            raise CertificateError(f"pareto.safe_index must be a configuration index in [0, {k - 1}]")
+        if not self.certified_any and self.lambda_hat != self.lambdas[safe]:
+            raise CertificateError(f"lambda_hat {self.lambda_hat!r} is not the safe configuration's λ {self.lambdas[safe]!r}")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -262,7 +327,10 @@ class Certificate:
         return "sha256:" + hashlib.sha256(canonical_json(self._content())).hexdigest()
 
     def _content(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        content = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if content["pareto"] is None:  # single-grid certificates keep the original fields and digest
+            del content["pareto"]
+        return content
 
     def to_dict(self) -> dict:
         """The certificate as plain JSON types, including ``digest``."""
@@ -274,6 +342,8 @@ class Certificate:
         """Human-readable JSON (indented, fields in a fixed order)."""
         content = self.to_dict()
         ordered = {name: content[name] for name in CERTIFICATE_SCHEMA["required"]}
+        if "pareto" in content:
+            ordered["pareto"] = content["pareto"]
         return json.dumps(ordered, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     # ------------------------------------------------------------------ files
@@ -316,7 +386,15 @@ class Certificate:
             raise CertificateError(f"{source}: {exc}") from None
         if certificate.digest != recomputed:  # e.g. an integer where a float belongs
             raise CertificateError(f"{source}: the content does not survive normalisation; refusing it")
-        _check_rederivation(data, source)
+        if certificate.pareto is not None:  # the digest is no signature: re-derive the decision
+            from ltt_exit.certify.pareto_rule import ParetoRecordError, rederive_record
+
+            try:
+                rederive_record(certificate)
+            except ParetoRecordError as exc:
+                raise CertificateError(f"{source}: {exc}") from None
+        else:
+            _check_rederivation(data, source)
         return certificate
 
     @classmethod
@@ -339,6 +417,8 @@ class Certificate:
     # ------------------------------------------------------------------ display
     def summary(self) -> str:
         """A few lines for humans: chosen λ, its risk and p-value, how many candidates passed."""
+        if self.pareto is not None:
+            return self._pareto_summary()
         k = self.n_candidates
         method = f"p-value: {self.pvalue_method}; procedure: {self.procedure['name']}"
         if self.certified_any:
@@ -357,6 +437,34 @@ class Certificate:
                 f"  reason: {self.reason}",
                 f"  0 of {k} candidates certified at δ = {self.delta:g}, ε = {self.epsilon:g}, n = {self.n}; {method}",
             ]
+        return "\n".join(lines)
+
+
+    def _pareto_summary(self) -> str:
+        pareto, k = self.pareto, self.n_candidates
+        split = pareto["split"]
+        index = self.chosen_index if self.certified_any else pareto["safe_index"]
+        head = (
+            f"Pareto Testing certified configuration {index} of {k}" if self.certified_any
+            else f"Nothing certified: safe configuration {index} of {k} (the full model)"
+        )
+        lines = [head]
+        if pareto.get("configuration") is not None:
+            lines.append(f"  configuration: {json.dumps(pareto['configuration'], sort_keys=True)}")
+        for risk in pareto["risks"]:
+            lines.append(
+                f"  {risk['name']}: testing risk {risk['testing_risk'][index]:.4g} (δ = {risk['delta']:g}), "
+                f"p-value {risk['pvalues'][index]:.3g}"
+            )
+        if not self.certified_any:
+            lines.append(f"  reason: {self.reason}")
+        lines.append(
+            f"  ε = {self.epsilon:g}, n = {self.n} (optimisation {split['n_optimisation']}, testing "
+            f"{split['n_testing']}, split seed {split['seed']}); {len(pareto['tested_order'])} configurations "
+            f"tested along the Pareto front, {self.n_certified} certified; p-value: {self.pvalue_method}"
+        )
+        if self.costs is not None:
+            lines.append(f"  cost: {self.costs[index]:.4g}")
         return "\n".join(lines)
 
 

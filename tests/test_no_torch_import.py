@@ -19,6 +19,10 @@ MODULES = [
     "ltt_exit.loss_table",
     "ltt_exit._atomic",
     "ltt_exit.cli.calibrate",
+    "ltt_exit.certify.pareto",
+    "ltt_exit.space_table",
+    "ltt_exit.pareto_pipeline",
+    "ltt_exit.sweep.space",
 ]
 FORBIDDEN = ("torch", "transformers", "accelerate", "safetensors")
 

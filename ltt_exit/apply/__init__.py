@@ -107,6 +107,25 @@ def certified_exit_adapters(config: dict[str, Any], given: Any, model_fingerprin
     return adapters
 
 
+def _check_pareto_configuration(certificate: Certificate) -> None:
+    """A Pareto Testing certificate decodes with its chosen (or safe) configuration and nothing else:
+    the decoder settings in the metadata and λ̂ must be that configuration's."""
+    if certificate.pareto is None:
+        return
+    configuration = certificate.pareto.get("configuration")
+    if not isinstance(configuration, dict) or "decoder" not in configuration or "lambda" not in configuration:
+        raise CertificateMismatch("the Pareto Testing certificate does not record the configuration to decode with")
+    differences = config_differences(configuration["decoder"], certificate.metadata.get("decoder"))
+    if differences:
+        raise CertificateMismatch(
+            "refusing to decode: the metadata's decoder settings are not the certified configuration's: "
+            + "; ".join(differences))
+    if float(configuration["lambda"]) != certificate.lambda_hat:
+        raise CertificateMismatch(
+            f"refusing to decode: λ̂ = {certificate.lambda_hat!r} is not the certified configuration's "
+            f"λ = {configuration['lambda']!r}")
+
+
 class CertifiedDecoder:
     """An EarlyExitDecoder bound to a certificate.
 
@@ -128,6 +147,7 @@ class CertifiedDecoder:
                  exit_adapters: Any = None, fast: bool = False):
         self.certificate = certificate if isinstance(certificate, Certificate) else Certificate.load(certificate)
         meta = self.certificate.metadata
+        _check_pareto_configuration(self.certificate)
         for key in ("model_fingerprint", "decoder", "max_new_tokens"):
             if key not in meta:
                 raise CertificateMismatch(

@@ -7,11 +7,14 @@ Output: a :class:`~ltt_exit.certificate.Certificate`.
     from ltt_exit.certify import certify
     certificate = certify(losses, lambdas, delta=0.1, epsilon=0.05)
 
+Several knobs and risks at once (Pareto Testing): ``certify_pareto(losses, costs, delta, epsilon)``.
+
 See docs/certification.md for the formulas, the procedures and how to choose them.
 """
 from __future__ import annotations
 
 from .core import always_safe_lambda, certify
+from .pareto import certify_pareto, rederive_pareto
 from .procedures import PROCEDURES, Bonferroni, FixedSequence, Holm, MultiStart, Procedure, get_procedure
 from .pvalues import (
     PVALUES,
@@ -29,6 +32,8 @@ from .pvalues import (
 
 __all__ = [
     "certify",
+    "certify_pareto",
+    "rederive_pareto",
     "always_safe_lambda",
     "PVALUES",
     "PROCEDURES",

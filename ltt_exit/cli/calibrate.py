@@ -52,6 +52,8 @@ examples:
   ltt-calibrate --delta 0.05 --epsilon 0.1 --table losses.csv --pvalue wsr --seed 1
   ltt-calibrate --delta 0.1 --epsilon 0.05 --table losses.parquet \\
       --procedure multi-start --starts 5 --out cert.json
+  ltt-calibrate --epsilon 0.05 --risks textual=0.1,risk=0.05 --space space.yaml \\
+      --recipe samsum --data-dir ../shared/data     # Pareto Testing over a configuration space
 
 Loss tables: docs/loss_table.md. Methods and how to choose: docs/certification.md.
 Exit status: 0 when a certificate was written (also when nothing was certified),
@@ -94,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     guarantee = parser.add_argument_group("the guarantee")
     guarantee.add_argument(
-        "--delta", required=True, type=_open_unit("--delta"), metavar="δ",
-        help="risk tolerance δ in (0, 1): the largest acceptable average loss, e.g. 0.1",
+        "--delta", type=_open_unit("--delta"), metavar="δ",
+        help="risk tolerance δ in (0, 1): the largest acceptable average loss, e.g. 0.1 (required unless "
+             "--risks gives one δ per risk)",
     )
     guarantee.add_argument(
         "--epsilon", required=True, type=_open_unit("--epsilon"), metavar="ε",
@@ -134,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ltt_exit.pipeline import add_model_options  # torch is imported only when decoding runs
 
     add_model_options(parser)
+    from ltt_exit.pareto_pipeline import add_pareto_options
+
+    add_pareto_options(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--out", default="certificate.json", metavar="PATH",
                         help="where to write the certificate JSON (default certificate.json)")
@@ -222,8 +228,34 @@ def _calibrate_with_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_pareto(args: argparse.Namespace) -> int:
+    """--space / --risks / a space table: Pareto Testing over the configurations."""
+    from ltt_exit.pareto_pipeline import risks_of, run_pareto_certification, space_table_from_model
+    from ltt_exit.space_table import SpaceTable
+
+    out = _check_output(args)
+    risks_of(args)
+    if args.table is not None:
+        table, info = SpaceTable.load(args.table), None
+    else:
+        table, info = space_table_from_model(args)
+        if table is None:  # time budget reached: run again to resume
+            return 0
+    run_pareto_certification(table, args, out)
+    if info is not None and not getattr(args, "quiet", False):
+        print(f"space table: {info['table_path']}")
+        print(f"apply it:   ltt-generate --certificate {args.out} \"Your prompt\"")
+    return 0
+
+
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from ltt_exit.space_table import is_space_table
+
+    if args.space or args.risks or (args.table is not None and is_space_table(args.table)):
+        return _calibrate_pareto(args)
+    if args.delta is None:
+        raise CLIError("the following arguments are required: --delta (or --risks NAME=δ,… with --space)")
     if args.table is None:
         return _calibrate_with_model(args)
     _check_output(args)

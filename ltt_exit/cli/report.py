@@ -18,6 +18,12 @@ calibration part and measures on the test part: the certified λ, mean layers us
 speed-up (layers / mean layers used), the test risk, and whether the test risk exceeded δ.
 The violation rate over trials should stay near or below ε (up to the noise of a finite test
 split). Writes report.md and PNG plots to --out.
+
+A configuration-space table (ltt-calibrate --space) is checked the same way with Pareto Testing:
+--risks gives δ per risk (default textual at each of --deltas' first value), each trial runs
+certify_pareto on the calibration part and counts a violation when any risk's test risk exceeds
+its δ; the plot is the risk–cost plane with the Pareto front, the tested order and the certified
+configuration.
 """
 
 
@@ -37,11 +43,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random splits")
     parser.add_argument("--out", type=Path, default=Path("ltt-report"), help="output folder (default ./ltt-report)")
     parser.add_argument("--no-plots", action="store_true", help="write only report.md")
+    pareto = parser.add_argument_group("configuration-space tables (Pareto Testing)")
+    pareto.add_argument("--risks", default=None, metavar="NAME=δ,…",
+                        help="δ per risk, e.g. textual=0.1,risk=0.05 (default: textual at the first --deltas value)")
+    pareto.add_argument("--split", type=float, default=0.5,
+                        help="optimisation fraction inside each calibration part (default 0.5)")
+    pareto.add_argument("--cost", choices=["mean_layers", "flops"], default="mean_layers",
+                        help="cost Pareto Testing minimises (default mean_layers)")
     return parser
+
+
+def _pareto_report(args) -> int:
+    from ltt_exit._atomic import atomic_write_text
+    from ltt_exit.certify import certify_pareto
+    from ltt_exit.pareto_pipeline import parse_risks
+    from ltt_exit.report import pareto_markdown, pareto_split_trials, plot_pareto_plane
+    from ltt_exit.space_table import SpaceTable
+
+    risks = parse_risks(args.risks) if args.risks else {"textual": args.deltas[0]}
+    if not 0.0 < args.epsilon < 1.0:
+        raise CLIError(f"--epsilon: ε must be in (0, 1), got {args.epsilon}")
+    if not 0.0 < args.split < 1.0:
+        raise CLIError(f"--split must be in (0, 1), got {args.split}")
+    table = SpaceTable.load(args.table)
+    summary = pareto_split_trials(table, risks, args.epsilon, trials=args.trials,
+                                  calibration_fraction=args.calibration_fraction, split=args.split,
+                                  pvalue=args.pvalue, cost=args.cost, seed=args.seed)
+    safe = next(j for j, c in enumerate(table.configurations) if c["lambda"] >= 1.0)
+    whole = certify_pareto(table.losses(list(risks)), table.cost(args.cost), list(risks.values()), args.epsilon,
+                           split=args.split, seed=args.seed, pvalue=args.pvalue, safe_index=safe,
+                           risk_names=list(risks))
+    md = pareto_markdown(summary, table, args.cost)
+    meta = table.metadata
+    header = (f"# ltt-report (Pareto Testing): {args.table}\n\n"
+              f"{table.n} examples × {table.K} configurations; metric {meta.get('metric', '?')}, "
+              f"layers {meta.get('num_layers', '?')}; p-value {args.pvalue}; {args.trials} random "
+              f"{args.calibration_fraction:.0%}/{1 - args.calibration_fraction:.0%} splits, each calibration part "
+              f"split {args.split:.0%}/{1 - args.split:.0%} into optimisation/testing parts.\n\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plots = [] if args.no_plots else [plot_pareto_plane(table, whole, args.out, cost=args.cost)]
+    body = header + md + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+    atomic_write_text(args.out / "report.md", body)
+    print(md)
+    print(f"wrote {args.out / 'report.md'}" + (f" and {len(plots)} plots" if plots else ""))
+    return 0
 
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    from ltt_exit.space_table import is_space_table
+
+    if is_space_table(args.table):
+        return _pareto_report(args)
     from ltt_exit._atomic import atomic_write_text
     from ltt_exit.loss_table import LossTable
     from ltt_exit.report import markdown_table, plot_report, split_trials
