@@ -209,6 +209,9 @@ def test_without_table_the_model_path_runs_and_names_a_missing_model(tmp_path, c
 
 def test_missing_required_options(capsys):
     assert main(["--table", "x.parquet"]) == 2
+    assert "--epsilon" in capsys.readouterr().err
+    # --delta is optional for argparse (--risks can give one δ per risk) but required without --risks
+    assert main(["--table", "x.parquet", "--epsilon", "0.05"]) == 2
     assert "--delta" in capsys.readouterr().err
 
 
