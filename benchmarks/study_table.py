@@ -71,6 +71,14 @@ def _pair(text: str) -> tuple[int, int]:
     return k_max, k_min
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    return values
+
+
 def _adapter(text: str) -> tuple[str, str]:
     label, _, path = text.partition("=")
     if not label or not path:
@@ -106,6 +114,10 @@ def parser() -> argparse.ArgumentParser:
                         "samsum 64, cnn-dailymail 128, iwslt2017-en-de 128, xsum 64)")
     p.add_argument("--n-time", type=int, default=20,
                    help="test prompts timed at batch 1 at each certified λ and at λ = 1 (default 20; 0: no timing)")
+    p.add_argument("--deltas", type=_floats, default=core.DELTAS, metavar="δ,δ",
+                   help="risk tolerances certified (default 0.1,0.2, the issue's)")
+    p.add_argument("--grid", type=_floats, default=core.DEFAULT_GRID, metavar="λ,λ,…",
+                   help="candidate thresholds, most conservative first (default: the sweep's default grid of 20)")
     p.add_argument("--device", default=None, help="cpu, cuda, … (default: CUDA when present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 … (default: the model's)")
     p.add_argument("--batch-prompts", type=int, default=None,
@@ -134,7 +146,7 @@ def settings_from(args) -> core.StudySettings:
 
     return core.StudySettings(out=args.out, data_dir=args.data_dir, n_cal=per_task(args.n_cal),
                               n_test=per_task(args.n_test), max_new_tokens=per_task(args.max_new_tokens),
-                              n_time=args.n_time, batch_prompts=args.batch_prompts, compile_decision=args.compile,
+                              n_time=args.n_time, grid=args.grid, deltas=args.deltas, batch_prompts=args.batch_prompts, compile_decision=args.compile,
                               progress=not args.quiet)
 
 
@@ -192,6 +204,10 @@ def main(argv=None, *, loader=None, tasks: dict | None = None, clock=time.monoto
         write_report(args, complete=True, command=command)
         return 0
     try:
+        if any(not 0 < d < 1 for d in args.deltas):
+            raise ValueError(f"--deltas must lie in (0, 1), got {args.deltas}")
+        if list(args.grid) != sorted(set(args.grid), reverse=True):
+            raise ValueError(f"--grid must be strictly decreasing (most conservative first), got {args.grid}")
         if args.n_time < 0:
             raise ValueError(f"--n-time must be ≥ 0, got {args.n_time}")
         if args.batch_prompts is not None and args.batch_prompts < 1:

@@ -48,6 +48,8 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "metric_early": cert.get("metric_early", {}), "metric_full": metric_full,
                 "n_cal": r["task"]["n_cal"], "n_test": r["task"]["n_test"], "max_new_tokens": r["task"]["max_new_tokens"],
                 "timing_device": (full_time or {}).get("device"),
+                # share of the timed prompts whose fast-path text equals the sweep's at this λ (1.0 expected)
+                "timing_same_text": at.get("same_text_as_sweep") if at else None,
             })
     order = {"none": 0, "fixed": 1, "decaying": 2}
     rows.sort(key=lambda x: (x["task"], x["model"], order.get(x["reduction_kind"], 9), x["scorer"], x["loss"],

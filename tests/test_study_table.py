@@ -95,6 +95,28 @@ def uninterrupted(tmp_path_factory):
     return folder, task, out, status
 
 
+def test_a_certified_early_exit_is_timed_and_looked_up(tmp_path):
+    # δ = 0.9 with risk consistency (random references: the full model's ROUGE-L is already near 0, so the
+    # excess loss of early outputs stays small) certifies λ̂ < 1 even with n = 8
+    task = _tiny_task(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(out, tmp_path, "--deltas", "0.9", "--grid", "1,0.5,0.2,0", "--scorers", "softmax-margin",
+                 "--reductions", "none")
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    early = [r for r in rows if r["lambda_hat"] < 1]
+    assert early, "nothing certified below λ = 1"
+    result = json.loads(next((out / "configs").glob("*.json")).read_text())
+    for r in early:
+        j = result["lambdas"].index(r["lambda_hat"])
+        assert r["mean_exit_layer"] == pytest.approx(result["test"]["mean_exit_layer"][j]) and r["mean_exit_layer"] < 4
+        assert r["test_risk"] == pytest.approx(result["test"][f"risk_{r['loss']}"][j])
+        assert r["metric_early"]["rouge-l"] == pytest.approx(result["test"]["metric_early"]["rouge-l"][j])
+        assert r["runtime_s"] > 0 and r["samples_per_s"] == pytest.approx(2 / r["runtime_s"])
+        # the timed fast path decoded the same texts as the sweep at λ̂
+        assert r["timing_same_text"] == 1.0
+
+
 def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
     folder, task, out, status = uninterrupted
     assert status == 0
