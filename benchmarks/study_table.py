@@ -118,6 +118,9 @@ def parser() -> argparse.ArgumentParser:
                    help="risk tolerances certified (default 0.1,0.2, the issue's)")
     p.add_argument("--grid", type=_floats, default=core.DEFAULT_GRID, metavar="λ,λ,…",
                    help="candidate thresholds, most conservative first (default: the sweep's default grid of 20)")
+    p.add_argument("--cost", choices=core.COSTS, default="layers",
+                   help="λ̂ is the certified λ of least calibration mean exit layer (layers, default, as ltt-calibrate) "
+                        "or least FLOPs (flops: then λ = 1 whenever the exit heads cost more than they skip)")
     p.add_argument("--device", default=None, help="cpu, cuda, … (default: CUDA when present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 … (default: the model's)")
     p.add_argument("--batch-prompts", type=int, default=None,
@@ -146,7 +149,7 @@ def settings_from(args) -> core.StudySettings:
 
     return core.StudySettings(out=args.out, data_dir=args.data_dir, n_cal=per_task(args.n_cal),
                               n_test=per_task(args.n_test), max_new_tokens=per_task(args.max_new_tokens),
-                              n_time=args.n_time, grid=args.grid, deltas=args.deltas, batch_prompts=args.batch_prompts, compile_decision=args.compile,
+                              n_time=args.n_time, grid=args.grid, deltas=args.deltas, cost=args.cost, batch_prompts=args.batch_prompts, compile_decision=args.compile,
                               progress=not args.quiet)
 
 

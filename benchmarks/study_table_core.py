@@ -344,12 +344,19 @@ def curves(table, metric_names: tuple[str, ...], num_layers: int) -> dict[str, A
     return out
 
 
+#: what λ̂ minimises among the certified candidates (calibration means): "layers" (mean exit layer per token,
+#: ltt-calibrate's default cost) or "flops" (the cost account, heads counted: picks λ = 1 whenever the exit
+#: heads cost more than the layers they skip)
+COSTS = ("layers", "flops")
+
+
 def certify_and_look_up(cal, test, *, metric_names: tuple[str, ...], num_layers: int,
-                        deltas=DELTAS, epsilon: float = EPSILON) -> dict[str, Any]:
+                        deltas=DELTAS, epsilon: float = EPSILON, cost: str = "layers") -> dict[str, Any]:
     """Certify λ on the calibration table for each (loss kind, δ) and read the test table at λ̂.
 
-    The chosen λ̂ is the certified candidate of least calibration FLOPs (``certify``'s ``costs``): any
-    certified candidate carries the guarantee, fixed-sequence testing controls them all at once.
+    The chosen λ̂ is the certified candidate of least calibration ``cost`` (``certify``'s ``costs``, see
+    :data:`COSTS`): any certified candidate carries the guarantee, fixed-sequence testing controls them all
+    at once.
     Returns {"lambdas", "cal": curves, "test": curves, "certificates": [...]} where each certificate has
     loss, delta, lambda_hat, certified_any, index (None: λ = 1 outside the grid), cal_risk and the test
     split's lookups (risk, flops_ratio, mean_exit_layer, metric_early).
@@ -361,6 +368,9 @@ def certify_and_look_up(cal, test, *, metric_names: tuple[str, ...], num_layers:
         raise ValueError("the calibration and test tables were swept on different grids")
     cal_curves = curves(cal, metric_names, num_layers)
     test_curves = curves(test, metric_names, num_layers)
+    if cost not in COSTS:
+        raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
+    costs_key = "mean_exit_layer" if cost == "layers" else "flops_ratio"
     certificates = []
     for loss in LOSS_KINDS:
         column = f"loss_{loss}"
@@ -368,7 +378,7 @@ def certify_and_look_up(cal, test, *, metric_names: tuple[str, ...], num_layers:
             continue
         for delta in deltas:
             cert = certify(cal.candidate_columns[column], lambdas, delta=delta, epsilon=epsilon, pvalue=PVALUE,
-                           procedure=PROCEDURE, costs=cal_curves["flops_ratio"])
+                           procedure=PROCEDURE, costs=cal_curves[costs_key])
             index = cert.chosen_index
             if index is None:  # nothing certified: λ = 1, the full model (the grid's λ = 1 column if it has one)
                 at_one = np.flatnonzero(lambdas >= 1.0)
@@ -447,6 +457,7 @@ class StudySettings:
     grid: tuple[float, ...] = DEFAULT_GRID
     deltas: tuple[float, ...] = DELTAS
     epsilon: float = EPSILON
+    cost: str = "layers"
     batch_prompts: int | None = None
     compile_decision: bool = False
     progress: bool = True
@@ -532,7 +543,7 @@ def _identity(settings: StudySettings, task: Task) -> dict:
     n_cal, n_test, tokens = settings.sizes(task)
     return {"n_cal": n_cal, "n_test": n_test, "max_new_tokens": tokens, "n_time": settings.n_time,
             "grid": list(settings.grid), "deltas": list(settings.deltas), "epsilon": settings.epsilon,
-            "seed": settings.seed}
+            "seed": settings.seed, "cost": settings.cost}
 
 
 #: prompts swept together, by device type: on CUDA a 135M-parameter model is bound by per-step latency, so
@@ -564,7 +575,7 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
         sweep_seconds[split] = time.perf_counter() - started
     num_layers = int(loaded.num_layers)
     result = certify_and_look_up(tables["cal"], tables["test"], metric_names=task.metrics, num_layers=num_layers,
-                                 deltas=settings.deltas, epsilon=settings.epsilon)
+                                 deltas=settings.deltas, epsilon=settings.epsilon, cost=settings.cost)
     # batch-1 wall clock on the first n_time test prompts: λ = 1 once per (model, task), each distinct λ̂ < 1
     time_prompts = [e.prompt for e in splits["test"].examples[: settings.n_time]]
     timings = {}
@@ -593,7 +604,8 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
                           "reduction_kind": config.reduction.kind, "pruning": config.reduction.pruning_spec(),
                           "min_exit_layer": config.min_exit_layer, "tau": config.tau, "decoder": decoder.config_dict()},
         "sweep": {"batch_prompts": batch, "seconds_this_call": sweep_seconds, "device": str(decoder.backend.device),
-                  "grid": list(settings.grid), "pvalue": PVALUE, "procedure": PROCEDURE},
+                  "grid": list(settings.grid), "pvalue": PVALUE, "procedure": PROCEDURE,
+                  "chosen_by_least": settings.cost},
         "n_time": len(time_prompts),
         "timing": {k: {kk: vv for kk, vv in v.items() if kk != "texts"} for k, v in timings.items()},
         **result,

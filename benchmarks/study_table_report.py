@@ -277,7 +277,8 @@ def section(results: list[dict], command: str, plots: list[Path], doc: Path | No
              f"Status: {state}.", "",
              "Each configuration is swept once on a calibration split and once on a disjoint test split at every λ "
              "of the grid; λ̂ is certified on the calibration split (ε = 0.05, Hoeffding–Bentkus p-values, fixed "
-             "sequence, the certified λ of least calibration FLOPs) and every test number is a lookup at λ̂. "
+             "sequence, the certified λ of least calibration cost: " + _cost_words(results) + ") and every test "
+             "number is a lookup at λ̂. "
              "Loss `textual`: 1 − m(early, full); `risk`: the excess of 1 − m over the full model's against the "
              "reference. FLOPs ratio: Σ decoding FLOPs / Σ the full model's (exit heads, pruned heads and "
              "contrastive amateur heads counted). Runtime: batch 1, wall clock, fast path.", ""]
@@ -294,6 +295,11 @@ def section(results: list[dict], command: str, plots: list[Path], doc: Path | No
         lines += answers(rows, results)
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def _cost_words(results: list[dict]) -> str:
+    kinds = {r["sweep"].get("chosen_by_least", "layers") for r in results} or {"layers"}
+    return " / ".join({"layers": "mean exit layer", "flops": "FLOPs"}.get(k, k) for k in sorted(kinds))
 
 
 def write_section(doc: Path, text: str) -> None:

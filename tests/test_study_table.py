@@ -207,6 +207,14 @@ def test_certified_lambda_and_test_lookups_on_a_hand_made_case():
     assert by_loss["risk"]["metric_early"]["rouge-l"] == pytest.approx((0.8 + 0.5) / 2)
     assert result["test"]["metric_full"]["rouge-l"] == pytest.approx((0.8 + 1.0) / 2)
     assert result["test"]["metric_early"]["rouge-l"] == pytest.approx([0.9, 0.65])
+    # exit heads that cost more than the layers they skip: least FLOPs keeps λ = 1, least layers still exits
+    dear = _table([["a b c", "a b c"]], ["a b c"], ["a b c"], [[10.0, 12.0]], [[8, 4]], [[2, 2]], n_copies=200)
+    by_flops = core.certify_and_look_up(dear, test, metric_names=("rouge-l",), num_layers=4, deltas=(0.1,),
+                                        cost="flops")["certificates"]
+    by_layers = core.certify_and_look_up(dear, test, metric_names=("rouge-l",), num_layers=4, deltas=(0.1,),
+                                         cost="layers")["certificates"]
+    assert [c["lambda_hat"] for c in by_flops] == [1.0, 1.0] and all(c["certified_any"] for c in by_flops)
+    assert [c["lambda_hat"] for c in by_layers] == [0.5, 0.5]
     # too few calibration examples: nothing certified, λ̂ = 1 and the test lookups are the full model's
     small = core.certify_and_look_up(test, test, metric_names=("rouge-l",), num_layers=4, deltas=(0.1,))
     for cert in small["certificates"]:
