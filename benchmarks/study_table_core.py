@@ -51,6 +51,9 @@ class Task:
     n_cal, n_test:  default split sizes (disjoint: the first n_cal and the next n_test of one seeded
                     permutation of the file)
     note:           what the row label stands for (split, truncation)
+    cuda_batch:     prompts swept together on CUDA: each brings up to K + 1 rows once the candidates split,
+                    each row a K/V cache of prompt + N positions (about 46 KB per position for SmolLM2 in
+                    float32), so long-prompt tasks take fewer
     """
 
     name: str
@@ -61,6 +64,7 @@ class Task:
     n_cal: int
     n_test: int
     note: str = ""
+    cuda_batch: int = 64
 
 
 TASKS: dict[str, Task] = {
@@ -70,11 +74,12 @@ TASKS: dict[str, Task] = {
                    "SAMSum test (819 dialogues); ROUGE-L F"),
     "cnn-dailymail": Task("cnn-dailymail", "cnn-dailymail", "cnndm_test_frank250.jsonl", ("rouge-l",), 128, 150, 100,
                           "CNN/DailyMail test, FRANK's 250 articles: 150 calibration / 100 test; each article "
-                          "cut to its first 400 words (recipe truncate_words) before the prompt template"),
+                          "cut to its first 400 words (recipe truncate_words) before the prompt template",
+                          cuda_batch=32),
     "iwslt2017-en-de": Task("iwslt2017-en-de", "iwslt2017-en-de", "iwslt2017_en-de_tst2017.jsonl", ("bleu",), 128,
                             400, 200, "IWSLT 2017 en→de tst2017 (1,138 segments); sentence BLEU / 100 (sacrebleu)"),
     "xsum": Task("xsum", "xsum", "xsum_test_helm1000.jsonl", ("rouge-l",), 64, 400, 200,
-                 "XSum test, HELM's 1,000 articles; each cut to its first 400 words; ROUGE-L F"),
+                 "XSum test, HELM's 1,000 articles; each cut to its first 400 words; ROUGE-L F", cuda_batch=32),
 }
 
 
@@ -546,9 +551,9 @@ def _identity(settings: StudySettings, task: Task) -> dict:
             "seed": settings.seed, "cost": settings.cost}
 
 
-#: prompts swept together, by device type: on CUDA a 135M-parameter model is bound by per-step latency, so
-#: wider batches (each prompt brings up to K + 1 rows) cost little more per step than narrow ones
-BATCH_PROMPTS = {"cpu": 8, "cuda": 64}
+#: prompts swept together on the CPU (ltt-calibrate's default there); on CUDA each task's ``cuda_batch``: a
+#: 135M-parameter model is bound by per-step latency there, so wide batches cost little more per step
+CPU_BATCH = 8
 
 
 def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dict, config: Configuration,
@@ -559,7 +564,7 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
 
     n_cal, n_test, tokens = settings.sizes(task)
     decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, exit_adapters=adapters, **config.decoder_kwargs())
-    batch = settings.batch_prompts or BATCH_PROMPTS.get(decoder.backend.device.type, BATCH_PROMPTS["cpu"])
+    batch = settings.batch_prompts or (task.cuda_batch if decoder.backend.device.type == "cuda" else CPU_BATCH)
     spec_ = SweepSpec(lambdas=settings.grid, max_new_tokens=tokens, metric=splits["cal"].metric,
                            loss="risk", prompts_per_batch=batch)
     metadata = {"model": {"label": spec.label, "source": spec.source, "adapters": spec.adapters},
@@ -582,6 +587,8 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
     if time_prompts:
         timings["1"] = _timed(store, spec.label, task.name, "full", 1.0, loaded, adapters, None, time_prompts,
                               tokens, settings, budget)
+        recorded = [str(t) for t in tables["test"].example_columns["full_text"][: len(time_prompts)]]
+        timings["1"]["same_text_as_sweep"] = float(np.mean([a == b for a, b in zip(recorded, timings["1"]["texts"])]))
         for lam in sorted({c["lambda_hat"] for c in result["certificates"] if c["lambda_hat"] < 1}, reverse=True):
             timings[f"{lam:.6g}"] = _timed(store, spec.label, task.name, config.slug, lam, loaded, adapters, config,
                                            time_prompts, tokens, settings, budget)

@@ -129,6 +129,7 @@ def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
         assert r["num_layers"] == 4 and r["n_cal"] == 8 and r["n_test"] == 4 and r["max_new_tokens"] == 5
         assert 1.0 <= r["mean_exit_layer"] <= 4.0 and r["flops_ratio"] > 0
         assert r["runtime_full_s"] > 0 and r["n_time"] == 2
+        assert r["timing_same_text"] == 1.0  # the timed fast path at λ = 1 gave the sweep's full-model texts
         # with n = 8 nothing is certifiable at these δ: λ̂ = 1 reproduces the full model exactly
         assert r["lambda_hat"] == 1.0 and r["test_risk"] == 0.0
         assert r["metric_early"]["rouge-l"] == pytest.approx(r["metric_full"]["rouge-l"])
