@@ -137,7 +137,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md",
                    help="markdown file whose study-table section is (re)written (default docs/benchmarks.md)")
     p.add_argument("--docs-dir", type=Path, default=ROOT / "docs", help="where the frontier PNGs go (default docs/)")
-    p.add_argument("--no-report", action="store_true", help="compute only; leave the doc and the plots alone")
+    p.add_argument("--no-report", action="store_true",
+                   help="compute (and write rows.json) only; leave the doc and the plots alone")
     p.add_argument("--report-only", action="store_true", help="rebuild the doc and the plots from --out only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -187,15 +188,20 @@ def default_loader(device: str | None, dtype: str | None):
     return load
 
 
+def write_rows(args, complete: bool, command: str) -> list[dict]:
+    """rows.json under --out: the table's rows, the command that computed them and whether it finished."""
+    rows = report.rows_from_results(core.Store(args.out).config_results())
+    core.Store.write(args.out / "rows.json", {"rows": rows, "command": command, "complete": complete})
+    return rows
+
+
 def write_report(args, complete: bool, command: str) -> None:
+    """The doc section (between its markers) and the frontier plots, from the results under --out."""
     results = core.Store(args.out).config_results()
     plots = report.frontier_plots(results, args.docs_dir) if results else []
     state = "complete for the command's selection" if complete else "partial (a chained run is still to finish it)"
-    text = report.section(results, command, plots, args.doc, state)
-    report.write_section(args.doc, text)
-    rows = report.rows_from_results(results)
-    core.Store.write(args.out / "rows.json", {"rows": rows, "command": command, "complete": complete})
-    core._log(f"wrote {len(rows)} rows: {args.doc}, {args.out / 'rows.json'}, {len(plots)} plots")
+    report.write_section(args.doc, report.section(results, command, plots, args.doc, state))
+    core._log(f"wrote {len(results)} configurations' rows to {args.doc} and {len(plots)} plots to {args.docs_dir}")
 
 
 def main(argv=None, *, loader=None, tasks: dict | None = None, clock=time.monotonic) -> int:
@@ -238,6 +244,8 @@ def main(argv=None, *, loader=None, tasks: dict | None = None, clock=time.monoto
     except core.OutOfTime as stop:
         core._log(f"INCOMPLETE: {stop}")
         complete = False
+    rows = write_rows(args, complete, command)
+    core._log(f"{len(rows)} rows in {args.out / 'rows.json'}")
     if not args.no_report:
         write_report(args, complete, command)
     return 0 if complete else INCOMPLETE

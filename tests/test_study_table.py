@@ -146,6 +146,13 @@ def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
     assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | risk | 0.2 | 1 (none) |" in doc
     assert "What the table answers" in doc and "FILL: the exit-ready model" in doc
     assert (folder / "plots" / "study_frontier_tiny.png").stat().st_size > 1000
+    # --report-only rebuilds the section from the JSON alone and keeps the computing call's command
+    (folder / "bench.md").write_text("# Benchmarks\n")
+    assert study_table.main(["--report-only", "--out", str(out), "--doc", str(folder / "bench.md"),
+                             "--docs-dir", str(folder / "plots")]) == 0
+    rebuilt = (folder / "bench.md").read_text()
+    assert "--batch-prompts 2" in rebuilt and "--report-only" not in rebuilt
+    assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | risk | 0.2 | 1 (none) |" in rebuilt
 
 
 def test_interrupted_run_resumes_to_the_same_rows(uninterrupted, tmp_path):
