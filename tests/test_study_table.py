@@ -262,3 +262,39 @@ def test_per_task_sizes_parse_and_apply():
     assert settings.sizes(core.TASKS["squad"])[2] == 16
     assert settings.sizes(core.TASKS["samsum"]) == (400, 200, 32)
     assert settings.sizes(core.TASKS["cnn-dailymail"])[:2] == (150, 100)
+
+
+def test_exit_classifier_rows_come_with_an_adapter_file_that_holds_one(tmp_path):
+    import torch
+
+    from ltt_exit.decode.adapters import ExitAdapters
+    from ltt_exit.decode.scorers import EXIT_FEATURES, LogisticExitModel
+
+    loaded = _loader(core.ModelSpec("tiny", "tiny"))
+    adapters = ExitAdapters.identity("affine", num_layers=4, hidden_size=loaded.model.config.hidden_size,
+                                     model_fingerprint=loaded.fingerprint)
+    generator = torch.Generator().manual_seed(5)
+    classifier = LogisticExitModel(EXIT_FEATURES, [2, 3], torch.randn(2, len(EXIT_FEATURES), generator=generator),
+                                   torch.randn(2, generator=generator))
+    path = adapters.with_exit_classifier(classifier).save(tmp_path / "exits.safetensors")
+    task = _tiny_task(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(out, tmp_path, "--exit-adapters", f"tiny={path}", "--scorers", "softmax-margin",
+                 "--reductions", "fixed", "--min-exit-layer", "2")
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    assert sorted({r["scorer"] for r in rows}) == ["exit-classifier", "softmax-margin"]
+    results = {r["configuration"]["scorer"]: r for r in core.Store(out).config_results()}
+    for result in results.values():  # the adapters serve every configuration of the model
+        assert result["model"]["adapters"] == str(path)
+        assert result["configuration"]["decoder"]["exit_adapters"] is not None
+    assert results["exit-classifier"]["configuration"]["reduction"] == "fixed k=16"
+
+
+def test_exit_classifier_is_added_per_reduction_only_with_a_fitted_classifier():
+    configs = [core.Configuration(s, red, 15) for red in core.reductions(["none", "fixed"], 100, (100, 10))
+               for s in ("softmax-margin", "jsd-contrastive")]
+    assert core.model_configurations(configs, None) == configs
+    assert core.model_configurations(configs, type("A", (), {"exit_classifier": None})()) == configs
+    added = core.model_configurations(configs, type("A", (), {"exit_classifier": object()})())[len(configs):]
+    assert [(c.scorer, c.reduction.kind) for c in added] == [("exit-classifier", "none"), ("exit-classifier", "fixed")]
