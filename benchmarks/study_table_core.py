@@ -211,8 +211,10 @@ class Store:
     def config_path(self, model: str, task: str, config: str) -> Path:
         return self.root / "configs" / f"{model}__{task}__{config}.json"
 
-    def table_path(self, model: str, task: str, config: str, split: str) -> Path:
-        return self.root / "tables" / f"{model}__{task}__{config}__{split}.parquet"
+    def table_stem(self, model: str, task: str, config: str, split: str) -> Path:
+        """The split's loss table is ``<stem>__<first 12 hex digits of its sweep key>.parquet``, so tables
+        swept with other sizes or budgets neither clash with nor replace each other."""
+        return self.root / "tables" / f"{model}__{task}__{config}__{split}"
 
     def timing_path(self, model: str, task: str, what: str, lam: float) -> Path:
         return self.root / "timing" / f"{model}__{task}__{what}__lam{lam:.6g}.json"
@@ -269,9 +271,10 @@ class Budget:
 
 
 # ------------------------------------------------------------------------------------------ sweeping
-def sweep_split(decoder, calibration_set, spec, *, out_path: Path, model_fingerprint: str, metadata: dict,
+def sweep_split(decoder, calibration_set, spec, *, stem: Path, model_fingerprint: str, metadata: dict,
                 budget: Budget, estimates: dict[str, float], estimate_key: str, progress: bool = False):
-    """The split's loss table: the cached one when its configuration key matches, else a (resumed) sweep.
+    """The split's loss table (file ``<stem>__<key>.parquet``, see :meth:`Store.table_stem`): the cached one
+    when it exists, else a sweep, resumed from its partial file.
 
     Before each batch the budget is checked against the slowest batch of this task seen so far
     (``estimates[estimate_key]``), so a call stops cleanly with every finished prompt in the partial file.
@@ -280,6 +283,7 @@ def sweep_split(decoder, calibration_set, spec, *, out_path: Path, model_fingerp
     from ltt_exit.sweep.run import prepare_sweep, run_sweep
 
     _, key = prepare_sweep(decoder, calibration_set, spec, model_fingerprint)
+    out_path = stem.with_name(f"{stem.name}__{key.split(':', 1)[1][:12]}.parquet")
     if out_path.exists():
         table = LossTable.load(out_path)
         if table.metadata.get("sweep_config_key") == key:
@@ -574,7 +578,7 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
     for split in ("cal", "test"):
         started = time.perf_counter()
         tables[split] = sweep_split(decoder, splits[split], spec_,
-                                    out_path=store.table_path(spec.label, task.name, config.slug, split),
+                                    stem=store.table_stem(spec.label, task.name, config.slug, split),
                                     model_fingerprint=loaded.fingerprint, metadata=metadata, budget=budget,
                                     estimates=estimates, estimate_key=task.name, progress=settings.progress)
         sweep_seconds[split] = time.perf_counter() - started

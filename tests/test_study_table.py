@@ -134,12 +134,12 @@ def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
         assert r["lambda_hat"] == 1.0 and r["test_risk"] == 0.0
         assert r["metric_early"]["rouge-l"] == pytest.approx(r["metric_full"]["rouge-l"])
     # the full model's metric is the mean per-example ROUGE-L of its test outputs against the references
-    table = LossTable.load(out / "tables" / "tiny__tiny__softmax-margin__none__j1__test.parquet")
+    table = LossTable.load(*(out / "tables").glob("tiny__tiny__softmax-margin__none__j1__test__*.parquet"))
     refs = [json.loads(c) for c in table.example_columns["reference"]]
     expected = np.mean([metrics.similarity("rouge-l", t, ref) for t, ref in zip(table.example_columns["full_text"], refs)])
     assert rows[0]["metric_full"]["rouge-l"] == pytest.approx(expected)
     # calibration and test splits are disjoint
-    cal = LossTable.load(out / "tables" / "tiny__tiny__softmax-margin__none__j1__cal.parquet")
+    cal = LossTable.load(*(out / "tables").glob("tiny__tiny__softmax-margin__none__j1__cal__*.parquet"))
     assert not set(cal.example_ids) & set(table.example_ids) and cal.n == 8 and table.n == 4
     doc = (folder / "bench.md").read_text()
     assert doc.count(report.BEGIN) == 1 and doc.count(report.END) == 1
@@ -172,6 +172,12 @@ def test_interrupted_run_resumes_to_the_same_rows(uninterrupted, tmp_path):
     assert study_table.main(_argv(out, tmp_path), loader=_loader, tasks={"tiny": task}) == 0
     assert {p.name: p.read_text() for p in (out / "configs").glob("*.json")} == before
     assert (tmp_path / "bench.md").read_text().count(report.BEGIN) == 1
+    # other sizes: the calibration tables are reused, the test split is swept anew beside the old tables
+    cal_tables = sorted(p.name for p in (out / "tables").glob("*__cal__*.parquet"))
+    assert study_table.main(_argv(out, tmp_path, "--n-test", "3"), loader=_loader, tasks={"tiny": task}) == 0
+    assert sorted(p.name for p in (out / "tables").glob("*__cal__*.parquet")) == cal_tables
+    assert len(list((out / "tables").glob("*__test__*.parquet"))) == 8
+    assert {r["n_test"] for r in json.loads((out / "rows.json").read_text())["rows"]} == {3}
 
 
 def _table(texts, full, references, flops, layers, tokens, n_copies=1) -> LossTable:
