@@ -84,8 +84,12 @@ TASKS: dict[str, Task] = {
 
 
 def _subset(full, examples: list, split: str):
-    """A CalibrationSet of some of ``full``'s examples, with a fingerprint of its own."""
-    digest = hashlib.sha256(json.dumps([full.fingerprint, split, [e.id for e in examples]]).encode()).hexdigest()
+    """A CalibrationSet of some of ``full``'s examples, with a fingerprint of its own content (recipe,
+    template, family, ids, prompts, references; not the file's path nor the other split's size, so a split's
+    cached tables serve any call that draws the same examples)."""
+    content = [full.recipe, full.template, full.family, split,
+               [[e.id, e.prompt, e.reference] for e in examples]]
+    digest = hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
     return dataclasses.replace(full, examples=list(examples), fingerprint="sha256:" + digest,
                                split=f"{full.split}:{split}")
 
