@@ -97,7 +97,8 @@ def parser() -> argparse.ArgumentParser:
                         "in it adds the exit-classifier scorer (it must not have seen the task's splits)")
     p.add_argument("--scorers", type=lambda t: _names(t, set(DEFAULT_SCORERS) | {"softmax-max", "hidden-cosine"},
                                                       "--scorers"),
-                   default=list(DEFAULT_SCORERS), help="comma-separated scorers (default " + ",".join(DEFAULT_SCORERS) + ")")
+                   default=list(DEFAULT_SCORERS),
+                   help="comma-separated scorers (default " + ",".join(DEFAULT_SCORERS) + ")")
     p.add_argument("--reductions", type=lambda t: _names(t, DEFAULT_REDUCTIONS, "--reductions"),
                    default=list(DEFAULT_REDUCTIONS), help="comma-separated: none, fixed, decaying (default all)")
     p.add_argument("--fixed-k", type=int, default=1000, help="k of fixed pruning (default 1000)")
@@ -119,8 +120,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=_floats, default=core.DEFAULT_GRID, metavar="λ,λ,…",
                    help="candidate thresholds, most conservative first (default: the sweep's default grid of 20)")
     p.add_argument("--cost", choices=core.COSTS, default="layers",
-                   help="λ̂ is the certified λ of least calibration mean exit layer (layers, default, as ltt-calibrate) "
-                        "or least FLOPs (flops: then λ = 1 whenever the exit heads cost more than they skip)")
+                   help="λ̂ is the certified λ of least calibration mean exit layer (layers, default, as "
+                        "ltt-calibrate) or least FLOPs (flops: then λ = 1 whenever the exit heads cost more than "
+                        "they skip)")
     p.add_argument("--device", default=None, help="cpu, cuda, … (default: CUDA when present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 … (default: the model's)")
     p.add_argument("--batch-prompts", type=int, default=None,
@@ -150,7 +152,8 @@ def settings_from(args) -> core.StudySettings:
 
     return core.StudySettings(out=args.out, data_dir=args.data_dir, n_cal=per_task(args.n_cal),
                               n_test=per_task(args.n_test), max_new_tokens=per_task(args.max_new_tokens),
-                              n_time=args.n_time, grid=args.grid, deltas=args.deltas, cost=args.cost, batch_prompts=args.batch_prompts, compile_decision=args.compile,
+                              n_time=args.n_time, grid=args.grid, deltas=args.deltas, cost=args.cost,
+                              batch_prompts=args.batch_prompts, compile_decision=args.compile,
                               progress=not args.quiet)
 
 

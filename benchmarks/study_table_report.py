@@ -46,7 +46,8 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "samples_per_s_full": full_time["samples_per_s"] if full_time else None,
                 "n_time": r.get("n_time"), "metrics": r["task"]["metrics"],
                 "metric_early": cert.get("metric_early", {}), "metric_full": metric_full,
-                "n_cal": r["task"]["n_cal"], "n_test": r["task"]["n_test"], "max_new_tokens": r["task"]["max_new_tokens"],
+                "n_cal": r["task"]["n_cal"], "n_test": r["task"]["n_test"],
+                "max_new_tokens": r["task"]["max_new_tokens"],
                 "timing_device": (full_time or {}).get("device"),
                 # share of the timed prompts whose fast-path text equals the sweep's at this λ (1.0 expected)
                 "timing_same_text": at.get("same_text_as_sweep") if at else None,
@@ -134,12 +135,15 @@ def _answer_wall_clock(rows):
             continue
         drop, r = max(drops, key=lambda x: x[0])
         m = r["metrics"][0]
-        collapsed = [x for d, x in drops if x["metric_early"][x["metrics"][0]] < 0.5 * x["metric_full"][x["metrics"][0]]]
-        worst = (f"the largest drop of the task metric at a certified λ̂ is {100 * drop:.1f} points" if drop > 0 else
-                 f"the task metric dropped at no certified λ̂ (least gain {-100 * drop:.1f} points")
+        collapsed = [x for _, x in drops
+                     if x["metric_early"][x["metrics"][0]] < 0.5 * x["metric_full"][x["metrics"][0]]]
+        if drop > 0:
+            worst = f"the largest drop of the task metric at a certified λ̂ is {100 * drop:.1f} points"
+        else:
+            worst = f"the task metric dropped at no certified λ̂ (least gain {-100 * drop:.1f} points)"
         out.append(
-            f"{loss.capitalize()} consistency: {worst}{')' if drop <= 0 else ''} ({r['task']}, {r['reduction']}, {r['scorer']}, δ = {r['delta']:g}: "
-            f"{100 * r['metric_early'][m]:.1f} against {100 * r['metric_full'][m]:.1f}; {why}); "
+            f"{loss.capitalize()} consistency: {worst} ({r['task']}, {r['reduction']}, {r['scorer']}, "
+            f"δ = {r['delta']:g}: {100 * r['metric_early'][m]:.1f} against {100 * r['metric_full'][m]:.1f}; {why}); "
             f"{len(collapsed)} of {len(drops)} rows keep less than half of the full model's metric.")
     over = [r for r in rows if r["test_risk"] > r["delta"]]
     if rows:

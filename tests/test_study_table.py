@@ -136,7 +136,8 @@ def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
     # the full model's metric is the mean per-example ROUGE-L of its test outputs against the references
     table = LossTable.load(*(out / "tables").glob("tiny__tiny__softmax-margin__none__j1__test__*.parquet"))
     refs = [json.loads(c) for c in table.example_columns["reference"]]
-    expected = np.mean([metrics.similarity("rouge-l", t, ref) for t, ref in zip(table.example_columns["full_text"], refs)])
+    expected = np.mean([metrics.similarity("rouge-l", t, ref)
+                        for t, ref in zip(table.example_columns["full_text"], refs)])
     assert rows[0]["metric_full"]["rouge-l"] == pytest.approx(expected)
     # calibration and test splits are disjoint
     cal = LossTable.load(*(out / "tables").glob("tiny__tiny__softmax-margin__none__j1__cal__*.parquet"))
