@@ -76,10 +76,13 @@ def markdown_table(rows: list[dict]) -> list[str]:
         block = [r for r in rows if r["task"] == task]
         first = block[0]
         metric_names = " / ".join(PRIMARY_METRIC_LABEL.get(m, m) for m in first["metrics"])
-        lines += [f"#### {task}", "",
-                  f"n_cal = {first['n_cal']}, n_test = {first['n_test']}, max new tokens = {first['max_new_tokens']}, "
-                  f"batch-1 timing on the first {first['n_time']} test prompts ({first['timing_device'] or '–'}); "
-                  f"task metric {metric_names} × 100 on the test split.", "",
+        settings = sorted({(r["n_cal"], r["n_test"], r["max_new_tokens"], r["n_time"], r["timing_device"] or "–")
+                           for r in block})
+        described = "; ".join(f"n_cal = {a}, n_test = {b}, max new tokens = {c}, batch-1 timing on the first {d} "
+                              f"test prompts ({e})" for a, b, c, d, e in settings)
+        if len(settings) > 1:  # results of calls with other sizes share the folder: say so instead of hiding it
+            described = "rows computed with different settings: " + described
+        lines += [f"#### {task}", "", f"{described}; task metric {metric_names} × 100 on the test split.", "",
                   "| model | reduction | scorer | loss | δ | certified λ | mean exit layer (of L) | FLOPs ratio | "
                   f"runtime s (samples/s) at λ̂ | at λ = 1 | {metric_names} early | full | test risk vs δ |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
