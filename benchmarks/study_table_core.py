@@ -573,15 +573,16 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
     n_cal, n_test, tokens = settings.sizes(task)
     decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, exit_adapters=adapters, **config.decoder_kwargs())
     batch = settings.batch_prompts or (task.cuda_batch if decoder.backend.device.type == "cuda" else CPU_BATCH)
-    spec_ = SweepSpec(lambdas=settings.grid, max_new_tokens=tokens, metric=splits["cal"].metric,
-                           loss="risk", prompts_per_batch=batch)
+    # loss "risk" makes the sweep record both loss columns (textual is always recorded)
+    sweep = SweepSpec(lambdas=settings.grid, max_new_tokens=tokens, metric=splits["cal"].metric, loss="risk",
+                      prompts_per_batch=batch)
     metadata = {"model": {"label": spec.label, "source": spec.source, "adapters": spec.adapters},
                 "task": task.name, "configuration": config.slug}
     tables = {}
     sweep_seconds = {}
     for split in ("cal", "test"):
         started = time.perf_counter()
-        tables[split] = sweep_split(decoder, splits[split], spec_,
+        tables[split] = sweep_split(decoder, splits[split], sweep,
                                     stem=store.table_stem(spec.label, task.name, config.slug, split),
                                     model_fingerprint=loaded.fingerprint, metadata=metadata, budget=budget,
                                     estimates=estimates, estimate_key=task.name, progress=settings.progress)
@@ -632,12 +633,14 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
 def _timed(store: Store, model: str, task: str, what: str, lam: float, loaded, adapters, config, prompts, tokens,
            settings: StudySettings, budget: Budget) -> dict:
     path = store.timing_path(model, task, what, lam)
+    identity = {"max_new_tokens": tokens, "device": str(loaded.device), "dtype": str(loaded.dtype),
+                "prompts_sha256": hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()}
     cached = store.read(path)
-    if cached is not None and cached.get("n") == len(prompts) and cached.get("max_new_tokens") == tokens:
-        return cached
+    if cached is not None and all(cached.get(k) == v for k, v in identity.items()):
+        return cached  # the same prompts, budget, device and dtype were timed by an earlier call
     full = store.read(store.timing_path(model, task, "full", 1.0))
     budget.check(2.0 * full["runtime_s"] if full else 0.0, f"timing {what} at λ = {lam:g}")
     decoder = fast_decoder(loaded.model, loaded.tokenizer, config, adapters, settings.compile_decision)
-    result = time_batch1(decoder, prompts, lam, tokens) | {"max_new_tokens": tokens}
+    result = time_batch1(decoder, prompts, lam, tokens) | identity
     store.write(path, result)
     return result
