@@ -280,8 +280,9 @@ def sweep_split(decoder, calibration_set, spec, *, stem: Path, model_fingerprint
     """The split's loss table (file ``<stem>__<key>.parquet``, see :meth:`Store.table_stem`): the cached one
     when it exists, else a sweep, resumed from its partial file.
 
-    Before each batch the budget is checked against the slowest batch of this task seen so far
-    (``estimates[estimate_key]``), so a call stops cleanly with every finished prompt in the partial file.
+    Before each batch the budget is checked against the slowest batch seen so far, so a call stops cleanly
+    with every finished prompt in the partial file: ``estimates`` holds seconds per token position of a
+    batch, per task (``estimate_key``); a task not timed yet borrows the slowest rate of the others.
     """
     from ltt_exit.loss_table import LossTable
     from ltt_exit.sweep.run import prepare_sweep, run_sweep
@@ -294,16 +295,22 @@ def sweep_split(decoder, calibration_set, spec, *, stem: Path, model_fingerprint
             return table
     out_path.parent.mkdir(parents=True, exist_ok=True)
     what = f"a sweep batch of {out_path.name}"
-    budget.check(estimates.get(estimate_key, 0.0), what)
+
+    def batch_seconds() -> float:
+        rate = estimates.get(estimate_key, max(estimates.values(), default=0.0))
+        return rate * spec.max_new_tokens
+
+    budget.check(batch_seconds(), what)
     last = [budget.clock()]
 
     def after_example(decoded: int) -> None:
         if decoded % spec.prompts_per_batch:
             return
         now = budget.clock()
-        estimates[estimate_key] = max(estimates.get(estimate_key, 0.0), now - last[0])
+        rate = (now - last[0]) / spec.max_new_tokens
+        estimates[estimate_key] = max(estimates.get(estimate_key, 0.0), rate)
         last[0] = now
-        budget.check(estimates[estimate_key], what)
+        budget.check(batch_seconds(), what)
 
     return run_sweep(decoder, calibration_set, spec, out_path=out_path, model_fingerprint=model_fingerprint,
                      metadata=metadata, progress=progress, after_example=after_example).table
@@ -514,7 +521,7 @@ def run_study(models: list[ModelSpec], tasks: list[Task], configs: list[Configur
     """
     store = Store(settings.out)
     counts = {"done_before": 0, "done_now": 0}
-    estimates: dict[str, float] = {}  # slowest sweep batch seen per task (seconds)
+    estimates: dict[str, float] = {}  # slowest sweep batch seen per task (seconds per token position)
     for spec in models:
         adapters = None
         if spec.adapters:

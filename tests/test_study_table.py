@@ -305,3 +305,12 @@ def test_exit_classifier_is_added_per_reduction_only_with_a_fitted_classifier():
     assert core.model_configurations(configs, type("A", (), {"exit_classifier": None})()) == configs
     added = core.model_configurations(configs, type("A", (), {"exit_classifier": object()})())[len(configs):]
     assert [(c.scorer, c.reduction.kind) for c in added] == [("exit-classifier", "none"), ("exit-classifier", "fixed")]
+
+
+def test_budget_stops_before_work_that_would_overrun_it():
+    clock = TickClock()  # each reading advances one second
+    budget = core.Budget(10, clock=clock)  # deadline at t = 11
+    budget.check(5, "a batch")  # read at t = 2: 9 s left
+    with pytest.raises(core.OutOfTime, match="stopped before the next batch: 8 s of the time budget left, about 9 s"):
+        budget.check(9, "the next batch")
+    assert core.Budget(None).remaining() == float("inf")
