@@ -1,0 +1,316 @@
+"""benchmarks/study_table.py (issue 17): the study table end to end on a tiny random model and a tiny JSONL
+task (rows, resume after an interruption, the doc section and the plots), its lookups on hand-made loss
+tables, and its refusals of bad input."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import study_table  # noqa: E402
+import study_table_core as core  # noqa: E402
+import study_table_report as report  # noqa: E402
+
+from ltt_exit import metrics  # noqa: E402
+from ltt_exit.loss_table import LossTable  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 64
+RECIPE = """\
+name: tiny-task
+source: {kind: jsonl}
+split: all
+fields: {id: id, text: text, answer: answer}
+templates: {t5: "{text}", decoder-only: "{text}"}
+reference: answer
+metric: rouge-l
+max_new_tokens: 5
+sample: {seed: 0, size: null}
+"""
+
+
+def _tiny_task(folder: Path) -> core.Task:
+    rng = np.random.default_rng(3)
+    lines = []
+    for i in range(14):
+        text = " ".join(f"w{w}" for w in rng.integers(3, VOCAB - 1, size=rng.integers(3, 8)))
+        answer = " ".join(f"w{w}" for w in rng.integers(3, VOCAB - 1, size=4))
+        lines.append(json.dumps({"id": f"q{i}", "text": text, "answer": answer}))
+    data = folder / "tiny.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    recipe = folder / "tiny.yaml"
+    recipe.write_text(RECIPE)
+    return core.Task("tiny", str(recipe), str(data), ("rouge-l",), 5, n_cal=8, n_test=4, note="tiny random task")
+
+
+def _loader(spec):
+    from ltt_exit.decode.tiny_models import tiny_llama, tiny_word_tokenizer
+    from ltt_exit.models.fingerprint import model_fingerprint
+    from ltt_exit.models.loading import LoadedModel
+
+    model = tiny_llama(vocab_size=VOCAB, num_layers=4, seed=1)
+    tokenizer = tiny_word_tokenizer(VOCAB, eos_id=2)
+    return LoadedModel(model, tokenizer, "decoder-only", spec.source, "random tiny llama",
+                       model_fingerprint(model, tokenizer))
+
+
+def _argv(out: Path, folder: Path, *extra: str) -> list[str]:
+    return ["--models", "tiny=tiny", "--scorers", "softmax-margin,weighted-contrastive", "--reductions", "none,fixed",
+            "--fixed-k", "16", "--min-exit-layer", "1", "--n-time", "2", "--batch-prompts", "2", "--device", "cpu",
+            "--out", str(out), "--doc", str(folder / "bench.md"), "--docs-dir", str(folder / "plots"), "--quiet",
+            *extra]
+
+
+class TickClock:
+    """A clock that advances one second per reading: a budget of B seconds allows about B readings."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 1.0
+        return self.now
+
+
+TIMING_FIELDS = ("runtime_s", "samples_per_s", "runtime_full_s", "samples_per_s_full")
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study")
+    task = _tiny_task(folder)
+    out = folder / "out"
+    status = study_table.main(_argv(out, folder), loader=_loader, tasks={"tiny": task})
+    return folder, task, out, status
+
+
+def test_a_certified_early_exit_is_timed_and_looked_up(tmp_path):
+    # δ = 0.9 with risk consistency (random references: the full model's ROUGE-L is already near 0, so the
+    # excess loss of early outputs stays small) certifies λ̂ < 1 even with n = 8
+    task = _tiny_task(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(out, tmp_path, "--deltas", "0.9", "--grid", "1,0.5,0.2,0", "--scorers", "softmax-margin",
+                 "--reductions", "none")
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    early = [r for r in rows if r["lambda_hat"] < 1]
+    assert early, "nothing certified below λ = 1"
+    result = json.loads(next((out / "configs").glob("*.json")).read_text())
+    for r in early:
+        j = result["lambdas"].index(r["lambda_hat"])
+        assert r["mean_exit_layer"] == pytest.approx(result["test"]["mean_exit_layer"][j]) and r["mean_exit_layer"] < 4
+        assert r["test_risk"] == pytest.approx(result["test"][f"risk_{r['loss']}"][j])
+        assert r["metric_early"]["rouge-l"] == pytest.approx(result["test"]["metric_early"]["rouge-l"][j])
+        assert r["runtime_s"] > 0 and r["samples_per_s"] == pytest.approx(2 / r["runtime_s"])
+        # the timed fast path decoded the same texts as the sweep at λ̂
+        assert r["timing_same_text"] == 1.0
+
+
+def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
+    folder, task, out, status = uninterrupted
+    assert status == 0
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    # 2 scorers × 2 reductions × 2 loss kinds × 2 δ
+    assert len(rows) == 16
+    assert {(r["scorer"], r["reduction"]) for r in rows} == {
+        (s, red) for s in ("softmax-margin", "weighted-contrastive") for red in ("none", "fixed k=16")}
+    for r in rows:
+        assert r["num_layers"] == 4 and r["n_cal"] == 8 and r["n_test"] == 4 and r["max_new_tokens"] == 5
+        assert 1.0 <= r["mean_exit_layer"] <= 4.0 and r["flops_ratio"] > 0
+        assert r["runtime_full_s"] > 0 and r["n_time"] == 2
+        assert r["timing_same_text"] == 1.0  # the timed fast path at λ = 1 gave the sweep's full-model texts
+        # with n = 8 nothing is certifiable at these δ: λ̂ = 1 reproduces the full model exactly
+        assert r["lambda_hat"] == 1.0 and r["test_risk"] == 0.0
+        assert r["metric_early"]["rouge-l"] == pytest.approx(r["metric_full"]["rouge-l"])
+    # the full model's metric is the mean per-example ROUGE-L of its test outputs against the references
+    table = LossTable.load(*(out / "tables").glob("tiny__tiny__softmax-margin__none__j1__test__*.parquet"))
+    refs = [json.loads(c) for c in table.example_columns["reference"]]
+    expected = np.mean([metrics.similarity("rouge-l", t, ref)
+                        for t, ref in zip(table.example_columns["full_text"], refs)])
+    assert rows[0]["metric_full"]["rouge-l"] == pytest.approx(expected)
+    # calibration and test splits are disjoint
+    cal = LossTable.load(*(out / "tables").glob("tiny__tiny__softmax-margin__none__j1__cal__*.parquet"))
+    assert not set(cal.example_ids) & set(table.example_ids) and cal.n == 8 and table.n == 4
+    doc = (folder / "bench.md").read_text()
+    assert doc.count(report.BEGIN) == 1 and doc.count(report.END) == 1
+    assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | risk | 0.2 | 1 (none) |" in doc
+    assert "What the table answers" in doc and "FILL: the exit-ready model" in doc
+    assert (folder / "plots" / "study_frontier_tiny.png").stat().st_size > 1000
+    # --report-only rebuilds the section from the JSON alone and keeps the computing call's command
+    (folder / "bench.md").write_text("# Benchmarks\n")
+    assert study_table.main(["--report-only", "--out", str(out), "--doc", str(folder / "bench.md"),
+                             "--docs-dir", str(folder / "plots")]) == 0
+    rebuilt = (folder / "bench.md").read_text()
+    assert "--batch-prompts 2" in rebuilt and "--report-only" not in rebuilt
+    assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | risk | 0.2 | 1 (none) |" in rebuilt
+
+
+def test_interrupted_run_resumes_to_the_same_rows(uninterrupted, tmp_path):
+    folder, task, reference_out, _ = uninterrupted
+    out = tmp_path / "out"
+    first = study_table.main(_argv(out, tmp_path, "--time-budget", "9"), loader=_loader, tasks={"tiny": task},
+                             clock=TickClock())
+    assert first == study_table.INCOMPLETE
+    assert list((out / "tables").glob("*.partial.jsonl")), "the budget should stop a sweep part-way"
+    assert len(list((out / "configs").glob("*.json"))) < 4
+    second = study_table.main(_argv(out, tmp_path), loader=_loader, tasks={"tiny": task})
+    assert second == 0
+    assert not list((out / "tables").glob("*.partial.jsonl"))
+    assert _rows(out) == _rows(reference_out)
+    # a third call finds everything done and changes nothing
+    before = {p.name: p.read_text() for p in (out / "configs").glob("*.json")}
+    assert study_table.main(_argv(out, tmp_path), loader=_loader, tasks={"tiny": task}) == 0
+    assert {p.name: p.read_text() for p in (out / "configs").glob("*.json")} == before
+    assert (tmp_path / "bench.md").read_text().count(report.BEGIN) == 1
+    # other sizes: the calibration tables are reused, the test split is swept anew beside the old tables
+    cal_tables = sorted(p.name for p in (out / "tables").glob("*__cal__*.parquet"))
+    assert study_table.main(_argv(out, tmp_path, "--n-test", "3"), loader=_loader, tasks={"tiny": task}) == 0
+    assert sorted(p.name for p in (out / "tables").glob("*__cal__*.parquet")) == cal_tables
+    assert len(list((out / "tables").glob("*__test__*.parquet"))) == 8
+    assert {r["n_test"] for r in json.loads((out / "rows.json").read_text())["rows"]} == {3}
+
+
+def _table(texts, full, references, flops, layers, tokens, n_copies=1) -> LossTable:
+    """A loss table by hand: texts (n, K), full texts (n,), references (n,), flops/layers/tokens (n, K)."""
+    texts = np.array(texts * n_copies, dtype=object)
+    full = list(full) * n_copies
+    references = list(references) * n_copies
+    n, k = texts.shape
+    textual = np.array([[metrics.textual_consistency_loss("rouge-l", texts[i, j], full[i]) for j in range(k)]
+                        for i in range(n)])
+    risk = np.array([[metrics.risk_consistency_loss("rouge-l", texts[i, j], full[i], references[i]) for j in range(k)]
+                     for i in range(n)])
+    return LossTable(risk, np.array([1.0, 0.5]), [f"e{i}" for i in range(n)], {},
+                     candidate_columns={"loss_textual": textual, "loss_risk": risk, "text": texts,
+                                        "flops": np.array(flops * n_copies, dtype=float),
+                                        "layers_total": np.array(layers * n_copies),
+                                        "num_tokens": np.array(tokens * n_copies)},
+                     example_columns={"full_text": np.array(full, dtype=object),
+                                      "full_flops": np.full(n, 10.0),
+                                      "reference": np.array([json.dumps(r) for r in references], dtype=object)})
+
+
+def test_certified_lambda_and_test_lookups_on_a_hand_made_case():
+    # calibration: λ = 0.5 changes nothing (loss 0) on 200 examples, so it is certified at δ = 0.1, ε = 0.05,
+    # and it costs half the FLOPs
+    cal = _table([["a b c", "a b c"]], ["a b c"], ["a b c"], [[10.0, 5.0]], [[8, 4]], [[2, 2]], n_copies=200)
+    # test: example 0 keeps its text at λ = 0.5, example 1 changes "x y" -> "x z"
+    test = _table([["a b c", "a b c"], ["x y", "x z"]], ["a b c", "x y"], ["a b", "x y"],
+                  [[10.0, 6.0], [10.0, 2.0]], [[8, 6], [8, 2]], [[2, 2], [2, 2]])
+    result = core.certify_and_look_up(cal, test, metric_names=("rouge-l",), num_layers=4, deltas=(0.1,))
+    by_loss = {c["loss"]: c for c in result["certificates"]}
+    for loss in ("textual", "risk"):
+        cert = by_loss[loss]
+        assert cert["lambda_hat"] == 0.5 and cert["certified_any"] and cert["index"] == 1
+        assert cert["cal_risk"] == 0.0
+        assert cert["flops_ratio"] == pytest.approx((6.0 + 2.0) / 20.0)
+        assert cert["mean_exit_layer"] == pytest.approx((6 + 2) / 4)
+    # ROUGE-L F of "x z" against "x y": P = R = 1/2 -> F = 1/2; "a b c" against "a b": P 2/3, R 1 -> F 0.8
+    assert by_loss["textual"]["test_risk"] == pytest.approx((0.0 + 0.5) / 2)
+    assert by_loss["risk"]["test_risk"] == pytest.approx((0.0 + 0.5) / 2)
+    assert by_loss["risk"]["metric_early"]["rouge-l"] == pytest.approx((0.8 + 0.5) / 2)
+    assert result["test"]["metric_full"]["rouge-l"] == pytest.approx((0.8 + 1.0) / 2)
+    assert result["test"]["metric_early"]["rouge-l"] == pytest.approx([0.9, 0.65])
+    # exit heads that cost more than the layers they skip: least FLOPs keeps λ = 1, least layers still exits
+    dear = _table([["a b c", "a b c"]], ["a b c"], ["a b c"], [[10.0, 12.0]], [[8, 4]], [[2, 2]], n_copies=200)
+    by_flops = core.certify_and_look_up(dear, test, metric_names=("rouge-l",), num_layers=4, deltas=(0.1,),
+                                        cost="flops")["certificates"]
+    by_layers = core.certify_and_look_up(dear, test, metric_names=("rouge-l",), num_layers=4, deltas=(0.1,),
+                                         cost="layers")["certificates"]
+    assert [c["lambda_hat"] for c in by_flops] == [1.0, 1.0] and all(c["certified_any"] for c in by_flops)
+    assert [c["lambda_hat"] for c in by_layers] == [0.5, 0.5]
+    # too few calibration examples: nothing certified, λ̂ = 1 and the test lookups are the full model's
+    small = core.certify_and_look_up(test, test, metric_names=("rouge-l",), num_layers=4, deltas=(0.1,))
+    for cert in small["certificates"]:
+        assert cert["lambda_hat"] == 1.0 and not cert["certified_any"] and cert["index"] == 0
+        assert cert["test_risk"] == 0.0 and cert["flops_ratio"] == 1.0 and cert["mean_exit_layer"] == 4.0
+
+
+def test_section_between_markers_is_replaced_not_appended(tmp_path):
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\nbefore\n\n## Later section\n")
+    report.write_section(doc, report.BEGIN + "\nfirst\n" + report.END + "\n")
+    report.write_section(doc, report.BEGIN + "\nsecond\n" + report.END + "\n")
+    text = doc.read_text()
+    assert "second" in text and "first" not in text and text.count(report.BEGIN) == 1
+    assert text.startswith("# Benchmarks\n\nbefore") and "## Later section" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "a=x", "a=y"], "share a label"),
+    (["--exit-adapters", "other=/nonexistent.safetensors"], "not --models labels"),
+    (["--tasks", "squad", "--data-dir", "/nonexistent"], "squad_v1.1_dev.jsonl not found"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, message):
+    status = study_table.main(["--out", str(tmp_path / "out"), "--doc", str(tmp_path / "b.md"), *argv])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "b.md").exists()
+
+
+def test_per_task_sizes_parse_and_apply():
+    assert study_table._per_task("32") == 32
+    assert study_table._per_task("squad=16,samsum=48") == {"squad": 16, "samsum": 48}
+    with pytest.raises(Exception, match="task=N"):
+        study_table._per_task("nosuchtask=3")
+    settings = core.StudySettings(out=Path("."), data_dir=Path("."), max_new_tokens={"*": 32, "squad": 16})
+    assert settings.sizes(core.TASKS["squad"])[2] == 16
+    assert settings.sizes(core.TASKS["samsum"]) == (400, 200, 32)
+    assert settings.sizes(core.TASKS["cnn-dailymail"])[:2] == (150, 100)
+
+
+def test_exit_classifier_rows_come_with_an_adapter_file_that_holds_one(tmp_path):
+    import torch
+
+    from ltt_exit.decode.adapters import ExitAdapters
+    from ltt_exit.decode.scorers import EXIT_FEATURES, LogisticExitModel
+
+    loaded = _loader(core.ModelSpec("tiny", "tiny"))
+    adapters = ExitAdapters.identity("affine", num_layers=4, hidden_size=loaded.model.config.hidden_size,
+                                     model_fingerprint=loaded.fingerprint)
+    generator = torch.Generator().manual_seed(5)
+    classifier = LogisticExitModel(EXIT_FEATURES, [2, 3], torch.randn(2, len(EXIT_FEATURES), generator=generator),
+                                   torch.randn(2, generator=generator))
+    path = adapters.with_exit_classifier(classifier).save(tmp_path / "exits.safetensors")
+    task = _tiny_task(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(out, tmp_path, "--exit-adapters", f"tiny={path}", "--scorers", "softmax-margin",
+                 "--reductions", "fixed", "--min-exit-layer", "2")
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    assert sorted({r["scorer"] for r in rows}) == ["exit-classifier", "softmax-margin"]
+    results = {r["configuration"]["scorer"]: r for r in core.Store(out).config_results()}
+    for result in results.values():  # the adapters serve every configuration of the model
+        assert result["model"]["adapters"] == str(path)
+        assert result["configuration"]["decoder"]["exit_adapters"] is not None
+    assert results["exit-classifier"]["configuration"]["reduction"] == "fixed k=16"
+
+
+def test_exit_classifier_is_added_per_reduction_only_with_a_fitted_classifier():
+    configs = [core.Configuration(s, red, 15) for red in core.reductions(["none", "fixed"], 100, (100, 10))
+               for s in ("softmax-margin", "jsd-contrastive")]
+    assert core.model_configurations(configs, None) == configs
+    assert core.model_configurations(configs, type("A", (), {"exit_classifier": None})()) == configs
+    added = core.model_configurations(configs, type("A", (), {"exit_classifier": object()})())[len(configs):]
+    assert [(c.scorer, c.reduction.kind) for c in added] == [("exit-classifier", "none"), ("exit-classifier", "fixed")]
+
+
+def test_budget_stops_before_work_that_would_overrun_it():
+    clock = TickClock()  # each reading advances one second
+    budget = core.Budget(10, clock=clock)  # deadline at t = 11
+    budget.check(5, "a batch")  # read at t = 2: 9 s left
+    with pytest.raises(core.OutOfTime, match="stopped before the next batch: 8 s of the time budget left, about 9 s"):
+        budget.check(9, "the next batch")
+    assert core.Budget(None).remaining() == float("inf")
