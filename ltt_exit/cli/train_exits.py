@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--size", type=int, default=None,
                       help="prompts per recipe (default: every usable row not in the calibration sample)")
     data.add_argument("--sample-seed", type=int, default=1, help="seed of the prompts' sample (default 1)")
+    data.add_argument("--save-prompts", type=Path, default=None, metavar="FILE",
+                      help="only select the training prompts (recipes, exclusion) and write them to FILE, then stop: "
+                           "for a training machine without the recipes' data packages")
+    data.add_argument("--prompts-file", type=Path, default=None, metavar="FILE",
+                      help="train on the prompts of a --save-prompts FILE instead of --recipe")
     data.add_argument("--max-new-tokens", type=int, default=48,
                       help="greedy tokens the original model continues each prompt with (default 48)")
     data.add_argument("--max-prompt-tokens", type=int, default=320,
@@ -183,6 +188,27 @@ def _configs(args):
     return train, loss
 
 
+def _select_prompts(args, specs, loaded):
+    """Training prompts from the recipes, the named calibration sample left out; (prompts, exclusion record)."""
+    from ltt_exit.recipes import load_recipe
+    from ltt_exit.train.data import training_prompts
+
+    exclude = None
+    if args.calibration_size is not None or args.calibration_data_files or args.calibration_split:
+        cal_recipe = load_recipe(args.calibration_recipe or specs[0].recipe)
+        exclude = cal_recipe.load(size=args.calibration_size, seed=args.calibration_seed,
+                                  data_files=args.calibration_data_files, split=args.calibration_split,
+                                  family=loaded.family, tokenizer=loaded.tokenizer)
+        _log(args, f"calibration sample kept out: {len(exclude)} examples of {exclude.recipe!r} ({exclude.split!r})")
+    prompts = training_prompts(specs, family=loaded.family, tokenizer=loaded.tokenizer, seed=args.sample_seed,
+                               exclude=exclude)
+    _log(args, f"training prompts: {len(prompts.prompts)} from "
+               + ", ".join(f"{i['recipe']}:{i['split']} ({i['n_prompts']})" for i in prompts.info))
+    excluded = None if exclude is None else {"recipe": exclude.recipe, "split": exclude.split, "n": len(exclude),
+                                             "seed": exclude.seed, "fingerprint": exclude.fingerprint}
+    return prompts, excluded
+
+
 def run(args) -> dict:
     """Validate everything cheap first, then load, build the data, train and write the artefact."""
     import dataclasses
@@ -207,7 +233,7 @@ def run(args) -> dict:
 
     from ltt_exit.models import load_model
     from ltt_exit.recipes import load_recipe
-    from ltt_exit.train.data import teacher_sequences, training_prompts
+    from ltt_exit.train.data import teacher_sequences
     from ltt_exit.train.trainer import check_lora_targets, train_exits
 
     if args.threads is not None:
@@ -231,17 +257,16 @@ def run(args) -> dict:
     loss_config.validate(loaded.num_layers)
     _log(args, f"model {args.model!r}: {loaded.num_layers} layers, fingerprint {loaded.fingerprint[:19]}…")
 
-    exclude = None
-    if args.calibration_size is not None or args.calibration_data_files or args.calibration_split:
-        cal_recipe = load_recipe(args.calibration_recipe or specs[0].recipe)
-        exclude = cal_recipe.load(size=args.calibration_size, seed=args.calibration_seed,
-                                  data_files=args.calibration_data_files, split=args.calibration_split,
-                                  family=loaded.family, tokenizer=loaded.tokenizer)
-        _log(args, f"calibration sample kept out: {len(exclude)} examples of {exclude.recipe!r} ({exclude.split!r})")
-    prompts = training_prompts(specs, family=loaded.family, tokenizer=loaded.tokenizer, seed=args.sample_seed,
-                               exclude=exclude)
-    _log(args, f"training prompts: {len(prompts.prompts)} from "
-               + ", ".join(f"{i['recipe']}:{i['split']} ({i['n_prompts']})" for i in prompts.info))
+    if args.prompts_file is not None:
+        from ltt_exit.train.data import TrainingPrompts
+
+        prompts, excluded = TrainingPrompts.load(args.prompts_file, tokenizer=loaded.tokenizer)
+        _log(args, f"training prompts: {len(prompts.prompts)} from {args.prompts_file}")
+    else:
+        prompts, excluded = _select_prompts(args, specs, loaded)
+    if args.save_prompts is not None:
+        prompts.save(args.save_prompts, tokenizer=loaded.tokenizer, exclusion=excluded)
+        return {"saved_prompts": str(args.save_prompts), "n_prompts": len(prompts.prompts)}
     batch = args.teacher_batch or (64 if loaded.device.type == "cuda" else 8)
     if batch < 1:
         raise ValueError(f"--teacher-batch must be >= 1; got {batch}")
@@ -251,9 +276,7 @@ def run(args) -> dict:
     _log(args, f"teacher continuations: {teacher_info['n_sequences']} sequences, {teacher_info['n_target_tokens']} "
                f"tokens ({'cached' if teacher_info['cached'] else 'generated'})")
     data = {"recipes": prompts.info, "sample_seed": args.sample_seed, "teacher": teacher_info,
-            "calibration_excluded": None if exclude is None else {
-                "recipe": exclude.recipe, "split": exclude.split, "n": len(exclude), "seed": exclude.seed,
-                "fingerprint": exclude.fingerprint}}
+            "calibration_excluded": excluded}
     summary = train_exits(loaded, sequences, loss_config, train_config, args.out, resume=args.resume,
                           progress=not args.quiet, manifest_extra=data, hashes=prompts.hashes)
     summary["n_prompts"] = len(prompts.prompts)

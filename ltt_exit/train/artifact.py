@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["MANIFEST_NAME", "MANIFEST_FORMAT", "ExitReadyMismatch", "is_exit_ready", "read_manifest",
-           "write_manifest", "save_lora", "load_exit_ready", "training_hashes"]
+           "write_manifest", "save_lora", "load_exit_ready", "training_hashes", "check_training_disjoint"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "ltt-exit-ready"
@@ -67,7 +67,8 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(folder: Path, *, kind: str, base_name: str, base_fingerprint: str, training: dict[str, Any],
-                   data: dict[str, Any], hashes: Any, metrics: dict[str, Any] | None = None) -> Path:
+                   data: dict[str, Any], hashes: Any, metrics: dict[str, Any] | None = None,
+                   base_dtype: str | None = None) -> Path:
     """Write ``manifest.json`` atomically; the weight files' sha256 are recorded with it."""
     from ltt_exit._atomic import atomic_write_text
 
@@ -77,7 +78,7 @@ def write_manifest(folder: Path, *, kind: str, base_name: str, base_fingerprint:
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "kind": kind,
-        "base_model": {"name": base_name, "fingerprint": base_fingerprint},
+        "base_model": {"name": base_name, "fingerprint": base_fingerprint, "dtype": base_dtype},
         "training": training,
         "data": data,
         "example_hashes": hashes.to_json() if hashes is not None else None,
@@ -109,6 +110,22 @@ def training_hashes(manifest: dict[str, Any]):
 
     data = manifest.get("example_hashes")
     return ExampleHashes.from_json(data) if data else None
+
+
+def check_training_disjoint(manifest: dict[str, Any], calibration_set) -> None:
+    """CalibrationOverlap naming the examples of ``calibration_set`` the exit-ready model was trained on."""
+    from ltt_exit.decode.adapters import CalibrationOverlap
+
+    hashes = training_hashes(manifest)
+    if hashes is None:
+        return
+    overlapping = hashes.overlapping(calibration_set)
+    if overlapping:
+        shown = ", ".join(overlapping[:5]) + (" …" if len(overlapping) > 5 else "")
+        raise CalibrationOverlap(
+            f"{len(overlapping)} of {len(calibration_set)} calibration examples of {calibration_set.recipe!r} were "
+            f"training prompts of this exit-ready model ({shown}); calibrate on examples it never saw (another "
+            f"split, seed or recipe)")
 
 
 def _check_files(folder: Path, manifest: dict[str, Any]) -> None:
@@ -147,7 +164,8 @@ def load_exit_ready(folder: str | os.PathLike[str], *, dtype=None, cache_dir=Non
     base_name = str(base["name"])
     if not Path(base_name).is_absolute() and (folder / base_name).exists():
         base_name = str(folder / base_name)  # a base stored next to the adapter, named relatively
-    loaded = load_model(base_name, device="cpu", dtype=dtype, cache_dir=cache_dir)
+    # the base in the dtype it was trained from (its fingerprint is that dtype's), merged, then cast
+    loaded = load_model(base_name, device="cpu", dtype=base.get("dtype"), cache_dir=cache_dir)
     if loaded.fingerprint != base["fingerprint"]:
         raise ExitReadyMismatch(
             f"{folder}: the adapter was trained on base model {base['name']!r} with fingerprint "
@@ -159,6 +177,8 @@ def load_exit_ready(folder: str | os.PathLike[str], *, dtype=None, cache_dir=Non
     peft_model = PeftModel.from_pretrained(loaded.model, str(folder), is_trainable=False)
     peft_model.to(loaded.dtype)
     model = peft_model.merge_and_unload()
+    if dtype is not None and dtype != "auto":
+        model.to(dtype)
     model.eval()
     fingerprint = model_fingerprint(model, loaded.tokenizer)
     source = f"exit-ready LoRA {folder} merged into {base['name']!r} ({loaded.source})"

@@ -45,6 +45,36 @@ class TrainingPrompts:
     info: list[dict[str, Any]]
     hashes: Any  # ExampleHashes
 
+    def save(self, path: str | os.PathLike[str], *, tokenizer: Any, exclusion: Any = None) -> None:
+        """A JSON file of the prompts with their provenance (for a machine without the recipes' data packages);
+        the prompts are formatted (chat template) by ``tokenizer``, whose digest the file records."""
+        from ltt_exit._atomic import atomic_write_text
+        from ltt_exit.models.fingerprint import tokenizer_digest
+
+        atomic_write_text(path, json.dumps({"format": "ltt-exit-training-prompts", "tokenizer": tokenizer_digest(tokenizer),
+                                            "prompts": self.prompts, "info": self.info, "exclusion": exclusion,
+                                            "hashes": self.hashes.to_json()}) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, tokenizer: Any) -> tuple["TrainingPrompts", Any]:
+        """(prompts, recorded calibration exclusion) from :meth:`save`'s file; ValueError naming the file when it
+        is not one, is empty, or was formatted for another tokenizer."""
+        from ltt_exit.decode.adapters import ExampleHashes
+        from ltt_exit.models.fingerprint import tokenizer_digest
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"--prompts-file {path}: not readable ({error})") from None
+        if not isinstance(data, dict) or data.get("format") != "ltt-exit-training-prompts":
+            raise ValueError(f"--prompts-file {path}: not a training-prompts file (write one with --save-prompts)")
+        if not data.get("prompts"):
+            raise ValueError(f"--prompts-file {path}: holds no prompts")
+        if data.get("tokenizer") != tokenizer_digest(tokenizer):
+            raise ValueError(f"--prompts-file {path}: its prompts were formatted for another tokenizer than this model's")
+        return cls(prompts=list(data["prompts"]), info=list(data["info"]),
+                   hashes=ExampleHashes.from_json(data["hashes"])), data.get("exclusion")
+
 
 def training_prompts(specs: Sequence[RecipeSpec], *, family: str, tokenizer: Any, seed: int = 1,
                      exclude=None) -> TrainingPrompts:

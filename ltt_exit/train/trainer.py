@@ -300,6 +300,10 @@ def train_exits(loaded, sequences: Sequence, loss_config: ExitLossConfig, train_
     callback = ExitProgress(exit_loss, training_dir, num_layers)
     trainer = ExitTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                           callbacks=[callback], exit_loss=exit_loss, teacher=teacher)
+    if not progress:  # without a progress bar the Trainer prints every log to stdout; the caller's output is JSON
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume if resume else None)
     seconds = time.perf_counter() - started
@@ -332,7 +336,7 @@ def train_exits(loaded, sequences: Sequence, loss_config: ExitLossConfig, train_
                     "train_seconds": round(seconds, 1), "trainable_parameters": trainable}
         write_manifest(out, kind=kind, base_name=loaded.name, base_fingerprint=loaded.fingerprint,
                        training=training, data=manifest_extra or {}, hashes=hashes,
-                       metrics={"last_log": last})
+                       metrics={"last_log": last}, base_dtype=str(loaded.dtype).removeprefix("torch."))
         if (training_dir / "curves.png").is_file():
             (out / "training_curves.png").write_bytes((training_dir / "curves.png").read_bytes())
     return summary
