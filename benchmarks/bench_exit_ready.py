@@ -44,6 +44,11 @@ def _summarise(table, deltas, epsilon, references):
                      "flops_ratio": float(np.sum(cols["flops"][:, j]) / full_flops),
                      "empirical_risk": float(table.losses[:, j].mean())}
         result["certified"][str(delta)] = entry
+    layers_all = cols["layers_total"].sum(axis=0) / np.maximum(cols["num_tokens"].sum(axis=0), 1)
+    result["per_lambda"] = [{"lambda": float(lam), "risk": float(table.losses[:, j].mean()),
+                             "mean_layers": float(layers_all[j]),
+                             "flops_ratio": float(cols["flops"][:, j].sum() / full_flops)}
+                            for j, lam in enumerate(table.lambdas)]
     ids = [str(x) for x in table.example_ids]
     full_texts = [str(t) for t in examples["full_text"]]
     if references:

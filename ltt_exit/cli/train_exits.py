@@ -272,7 +272,9 @@ def run(args) -> dict:
         raise ValueError(f"--teacher-batch must be >= 1; got {batch}")
     sequences, teacher_info = teacher_sequences(loaded, prompts.prompts, max_new_tokens=args.max_new_tokens,
                                                 max_prompt_tokens=args.max_prompt_tokens, batch_size=batch,
-                                                cache_dir=args.cache_dir, progress=not args.quiet)
+                                                cache_dir=args.cache_dir, progress=not args.quiet,
+                                                # torchrun: rank 0 generates, the others read its cache
+                                                wait_seconds=3600.0 if int(os.environ.get("RANK", "0")) else 0.0)
     _log(args, f"teacher continuations: {teacher_info['n_sequences']} sequences, {teacher_info['n_target_tokens']} "
                f"tokens ({'cached' if teacher_info['cached'] else 'generated'})")
     data = {"recipes": prompts.info, "sample_seed": args.sample_seed, "teacher": teacher_info,

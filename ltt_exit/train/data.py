@@ -176,14 +176,23 @@ def _generate(loaded, prompt_ids: list[list[int]], max_new_tokens: int, batch_si
 
 def teacher_sequences(loaded, prompts: Sequence[str], *, max_new_tokens: int, max_prompt_tokens: int = 320,
                       batch_size: int = 32, cache_dir: str | os.PathLike[str] | None = None,
-                      progress: bool = True) -> tuple[list[TrainingSequence], dict[str, Any]]:
-    """The original model's greedy continuations of ``prompts`` (cached). Returns (sequences, info)."""
+                      progress: bool = True, wait_seconds: float = 0.0) -> tuple[list[TrainingSequence], dict[str, Any]]:
+    """The original model's greedy continuations of ``prompts`` (cached). Returns (sequences, info).
+
+    ``wait_seconds`` > 0: wait up to that long for another process (rank 0 of a torchrun job) to write the
+    cache instead of generating here."""
     from ltt_exit.models.gguf_cache import default_cache_dir
 
     prompt_ids = _tokenise(loaded.tokenizer, prompts, max_prompt_tokens)
     key = _cache_key(loaded.fingerprint, prompt_ids, max_new_tokens)
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = folder / "teacher" / f"{key}.json"
+    if wait_seconds > 0:
+        import time
+
+        deadline = time.monotonic() + wait_seconds
+        while not path.is_file() and time.monotonic() < deadline:
+            time.sleep(1.0)
     cached = path.is_file()
     if cached:
         continuations = json.loads(path.read_text())["continuations"]

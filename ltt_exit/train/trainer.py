@@ -147,8 +147,16 @@ class ExitTrainer(Trainer):
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, num_layers: int) -> None:
-    """Loss terms and per-layer agreement against the step, one PNG."""
-    import matplotlib
+    """Loss terms and per-layer agreement against the step, one PNG (skipped, with a warning, without matplotlib:
+    metrics.jsonl holds the same numbers)."""
+    try:
+        import matplotlib
+    except ImportError:
+        import warnings
+
+        warnings.warn("matplotlib is not installed: no training_curves.png (metrics.jsonl has the numbers)",
+                      stacklevel=2)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
