@@ -12,6 +12,13 @@ references, plus the exit-ready model's full-output similarity to the frozen mod
 
 Each sweep is cached by ltt-calibrate (same configuration: reused), so a rerun after an interruption
 skips the models already swept.
+
+--summarise FILE [FILE ...] reports from saved sweeps instead (a loss table, or the ``.partial.jsonl`` of
+an interrupted sweep from the ltt-exit cache), on the examples all of them share; the first is the frozen
+model:
+
+    python benchmarks/bench_exit_ready.py --summarise frozen.parquet exit.partial.jsonl \
+        --recipe benchmarks/data/samsum_jsonl_recipe.yaml --data-files samsum_test.jsonl --size 500 --out r.json
 """
 from __future__ import annotations
 
@@ -22,6 +29,45 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+class _Rows:
+    """The columns _summarise reads, from a LossTable or from a partial sweep's JSON lines (``lambdas`` given)."""
+
+    def __init__(self, path: Path, lambdas=None):
+        from ltt_exit.loss_table import LossTable
+
+        if str(path).endswith(".jsonl"):
+            records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+            records = [r for r in records if r.get("kind") == "example"]
+            data = [r["data"] for r in records]
+            self.example_ids = [str(r["id"]) for r in records]
+            self.lambdas = np.asarray(lambdas, dtype=float)
+            self.losses = np.array([d["loss_textual"] for d in data], dtype=float)
+            self.candidate_columns = {k: np.array([d[k] for d in data], dtype=float)
+                                      for k in ("layers_total", "num_tokens", "flops")}
+            self.example_columns = {"full_flops": np.array([d["full_flops"] for d in data], dtype=float),
+                                    "full_text": np.array([d["full_text"] for d in data], dtype=object)}
+            self.metadata = {}  # num_layers: taken from the frozen model's table by the caller
+        else:
+            table = LossTable.load(path)
+            self.example_ids = [str(x) for x in table.example_ids]
+            self.lambdas, self.losses = table.lambdas, table.losses
+            self.candidate_columns, self.example_columns = table.candidate_columns, table.example_columns
+            self.metadata = table.metadata
+
+    @property
+    def n(self) -> int:
+        return len(self.example_ids)
+
+    def subset(self, ids) -> "_Rows":
+        index = [self.example_ids.index(i) for i in ids]
+        rows = object.__new__(_Rows)
+        rows.example_ids = list(ids)
+        rows.lambdas, rows.losses, rows.metadata = self.lambdas, self.losses[index], self.metadata
+        rows.candidate_columns = {k: v[index] for k, v in self.candidate_columns.items()}
+        rows.example_columns = {k: v[index] for k, v in self.example_columns.items()}
+        return rows
 
 
 def _summarise(table, deltas, epsilon, references):
@@ -60,7 +106,9 @@ def _summarise(table, deltas, epsilon, references):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True, help="frozen model first, then exit-ready ones")
+    parser.add_argument("--models", nargs="+", default=None, help="frozen model first, then exit-ready ones")
+    parser.add_argument("--summarise", nargs="+", type=Path, default=None, metavar="FILE",
+                        help="report from saved sweeps (loss table, or an interrupted sweep's .partial.jsonl) instead")
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--data-files", nargs="+", default=None)
     parser.add_argument("--size", type=int, default=500)
@@ -86,6 +134,10 @@ def main(argv=None) -> int:
     recipe = load_recipe(args.recipe)
     calibration = recipe.load(size=args.size, seed=args.sample_seed, data_files=args.data_files)
     references = {str(e.id): e.reference for e in calibration.examples} if calibration.has_references else None
+    if args.summarise:
+        return _report_saved(args, references)
+    if not args.models:
+        parser.error("--models or --summarise is required")
     args.tables.mkdir(parents=True, exist_ok=True)
     report = {"recipe": args.recipe, "size": args.size, "max_new_tokens": args.max_new_tokens,
               "epsilon": args.epsilon, "scorer": args.scorer, "pruning": args.pruning,
@@ -121,6 +173,39 @@ def main(argv=None) -> int:
             [metrics.similarity("rouge-l", run["full_texts"][i], frozen[i]) for i in shared])) if shared else None
     for run in report["runs"]:
         run.pop("full_texts")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _report_saved(args, references) -> int:
+    from ltt_exit import metrics
+
+    first = _Rows(args.summarise[0])
+    runs = [first] + [_Rows(p, lambdas=first.lambdas) for p in args.summarise[1:]]
+    for run in runs[1:]:
+        run.metadata = first.metadata
+    shared = [i for i in first.example_ids if all(i in r.example_ids for r in runs[1:])]
+    report = {"recipe": args.recipe, "epsilon": args.epsilon, "shared_examples": len(shared), "runs": []}
+    for path, rows in zip(args.summarise, runs):
+        for subset_name, subset in (("all", rows), ("shared", rows.subset(shared))):
+            if subset_name == "all" and rows.n == len(shared):
+                continue
+            entry = {"file": path.name, "examples": subset_name,
+                     **_summarise(subset, args.deltas, args.epsilon, references)}
+            report["runs"].append(entry)
+    frozen = next(r for r in report["runs"] if r["examples"] == "shared")["full_texts"]
+    for entry in report["runs"]:
+        texts = entry.pop("full_texts")
+        if entry["examples"] == "shared":
+            entry["rouge_l_full_vs_frozen_full"] = float(np.mean([metrics.similarity("rouge-l", texts[i], frozen[i])
+                                                                  for i in shared]))
+            if references:
+                diff = [metrics.similarity("rouge-l", texts[i], references[i])
+                        - metrics.similarity("rouge-l", frozen[i], references[i]) for i in shared]
+                entry["rouge_l_vs_reference_minus_frozen"] = {
+                    "mean": float(np.mean(diff)), "standard_error": float(np.std(diff, ddof=1) / np.sqrt(len(diff)))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
