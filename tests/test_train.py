@@ -223,11 +223,12 @@ def test_two_gloo_processes_train_the_weights_of_one(tmp_path):
     a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
-    changed = 0
+    # Adam divides by the gradients' RMS, so float rounding of the all-reduce can move a weight by ~1e-4 after a
+    # few steps; a wrong split of the global batch moves them by about the learning rate (2e-2)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
-        changed += int(not torch.equal(a[name], torch.zeros_like(a[name])))
-    assert changed == len(a)  # every LoRA tensor moved (B starts at zero)
+        torch.testing.assert_close(b[name], a[name], atol=2e-4, rtol=1e-3)
+    lora_b = [name for name in a if "lora_B" in name]
+    assert lora_b and all(a[name].abs().max() > 1e-2 for name in lora_b)  # B starts at zero: training moved it
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["training"]["world_size"] == 2
 
 
