@@ -52,8 +52,8 @@ examples:
   # the shipped smollm2-135m-exit adapter (on a GPU; docs/training.md): offline, license-clean prompts
   # (gensim Lee news + ACLSum abstracts), the default calibration sample (lee-news-quick, 100 of seed 0) left out
   ltt-train-exits --model smollm2-135m --recipe gensim-lee-continue --recipe gensim-lee --recipe aclsum-summary \\
-      --calibration-recipe lee-news-quick --calibration-size 100 --max-new-tokens 48 \\
-      --lora-rank 16 --learning-rate 1e-3 --epochs 8 --batch-size 32 --seed 0 --out smollm2-135m-exit
+      --calibration-recipe lee-news-quick --calibration-size 100 --max-new-tokens 48 --kl 1 --anchor 3 \\
+      --lora-rank 16 --learning-rate 1e-3 --steps 200 --batch-size 32 --warmup-steps 20 --seed 0 --out smollm2-135m-exit
 
   # SAMSum: train on the test split, calibrate on validation (the recipe's own split)
   ltt-train-exits --recipe samsum:test --data-files ../shared/data/samsum_test.jsonl --steps 500 --out smollm2-samsum-exit

@@ -328,7 +328,7 @@ def load_model(
         elif _looks_like_path(name) or path.exists():
             raise FileNotFoundError(
                 f"{name!r} is not a model folder or .gguf file (no such folder). Pass a transformers "
-                f"model folder, a .gguf file, a hub id, or one of the aliases {sorted(MODEL_ALIASES)}."
+                f"model folder, a .gguf file, a hub id, or one of the aliases {sorted([*MODEL_ALIASES, *EXIT_READY_ALIASES])}."
             )
         else:
             model, tokenizer, family, source, fingerprint = _load_hub(name, resolved_dtype)
