@@ -235,7 +235,9 @@ def train_exits(loaded, sequences: Sequence, loss_config: ExitLossConfig, train_
                 manifest_extra: dict[str, Any] | None = None, hashes: Any = None) -> dict[str, Any]:
     """Fine-tune ``loaded`` (a LoadedModel) on ``sequences`` and write the exit-ready artefact to ``out``.
 
-    ``resume``: True (the latest checkpoint under ``out/training``) or a checkpoint path. Returns a summary.
+    ``resume``: True (the latest checkpoint under ``out/training``) or a checkpoint path. ``manifest_extra``:
+    the data provenance recorded in the manifest; ``hashes``: the training prompts' ExampleHashes. Returns a
+    summary. ``loaded.model`` is trained in place (with LoRA, peft injects its layers into it).
     """
     from transformers import set_seed
 
