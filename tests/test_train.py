@@ -81,6 +81,27 @@ def test_layer_weights_curricula_and_dropout_rates():
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
 
 
+def test_layer_dropout_passes_dropped_rows_through_and_pauses_for_the_teacher():
+    from ltt_exit.train.losses import LayerDropout
+
+    model = tiny_llama(vocab_size=VOCAB, num_layers=4)
+    ids = torch.randint(3, VOCAB, (64, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        dropout = LayerDropout(list(model.model.layers), 0.5)
+        model.train()
+        torch.manual_seed(0)
+        dropped = model(input_ids=ids).logits
+        with dropout.paused():
+            paused = model(input_ids=ids).logits
+        dropout.remove()
+        removed = model(input_ids=ids).logits
+    same_rows = (dropped - full).abs().amax(dim=(1, 2)) < 1e-6
+    assert 0 < int(same_rows.sum()) < 64  # some rows kept every layer, most skipped at least one
+    torch.testing.assert_close(paused, full)
+    torch.testing.assert_close(removed, full)
+
+
 @pytest.mark.parametrize("family", ["decoder-only", "t5"])
 def test_training_lowers_the_per_layer_distillation_loss(tmp_path, family):
     from ltt_exit.models.loading import LoadedModel
