@@ -157,6 +157,10 @@ def loss_table_from_model(args: argparse.Namespace):
     calibration_set = recipe.load(size=args.size, seed=args.sample_seed, data_files=args.data_files,
                                   data_dir=args.data_dir, family=loaded.family, tokenizer=loaded.tokenizer)
     _log(args, f"calibration set: {calibration_set.describe()}")
+    if loaded.exit_training is not None:  # an exit-ready model must not have been trained on calibration prompts
+        from ltt_exit.train.artifact import check_training_disjoint
+
+        check_training_disjoint(loaded.exit_training, calibration_set)
 
     from ltt_exit.decode import EarlyExitDecoder
 

@@ -4,6 +4,8 @@
     load_model("/models/flan-t5-base")    # a local transformers folder
     load_model("google/flan-t5-base")     # a hub id (needs the hub, or its local HF cache)
     load_model("/models/qwen.Q8_0.gguf")  # a GGUF file (converted once, then cached)
+    load_model("smollm2-135m-exit")       # the shipped exit-ready LoRA, merged into SmolLM2
+    load_model("/runs/my-exit-ready")     # an ltt-train-exits artefact (adapter + manifest.json)
 
 Supported architectures: T5ForConditionalGeneration (family ``"t5"``) and the Llama, Qwen2 and
 Mistral causal LMs (family ``"decoder-only"``). Models are put in eval mode on ``device``.
@@ -22,6 +24,7 @@ from .gguf_cache import ensure_gguf_cache, read_cached_fingerprint, write_cached
 __all__ = [
     "DEFAULT_MODEL",
     "MODEL_ALIASES",
+    "EXIT_READY_ALIASES",
     "SUPPORTED_MODEL_TYPES",
     "PackagedGGUF",
     "LoadedModel",
@@ -83,6 +86,13 @@ MODEL_ALIASES: dict[str, PackagedGGUF] = {
 }
 
 
+# exit-ready artefacts (ltt-train-exits) shipped inside this package: alias -> folder
+_EXIT_READY_ROOT = Path(__file__).resolve().parent / "exit_ready"
+EXIT_READY_ALIASES: dict[str, Path] = {
+    "smollm2-135m-exit": _EXIT_READY_ROOT / "smollm2-135m-exit",
+}
+
+
 @dataclass
 class LoadedModel:
     """A model ready for decoding, with what identifies it.
@@ -90,6 +100,8 @@ class LoadedModel:
     ``family`` is ``"t5"`` or ``"decoder-only"``; ``name`` the alias, path or hub id given;
     ``source`` says where the weights came from; ``fingerprint`` is
     :func:`~ltt_exit.models.fingerprint.model_fingerprint` of model and tokenizer.
+    ``exit_training``: for an exit-ready model (ltt-train-exits), its manifest (training prompts'
+    hashes included, so calibration sets that share a prompt can be refused); None otherwise.
     """
 
     model: Any
@@ -98,6 +110,7 @@ class LoadedModel:
     name: str
     source: str
     fingerprint: str
+    exit_training: dict | None = None
 
     @property
     def num_layers(self) -> int:
@@ -285,8 +298,19 @@ def load_model(
     name = name_or_path
     resolved_dtype = _resolve_dtype(dtype)
     device = default_device() if device is None else device
+    exit_training = None
 
-    if name in MODEL_ALIASES:
+    if name in EXIT_READY_ALIASES and not EXIT_READY_ALIASES[name].is_dir():
+        raise FileNotFoundError(f"model alias {name!r}: its exit-ready adapter folder "
+                                f"{EXIT_READY_ALIASES[name]} is missing from this installation of ltt-exit")
+    if name in EXIT_READY_ALIASES or (Path(name).expanduser().is_dir() and not name.lower().endswith(".gguf")
+                                       and _is_exit_ready(Path(name).expanduser())):
+        from ltt_exit.train.artifact import load_exit_ready
+
+        folder = EXIT_READY_ALIASES.get(name, Path(name).expanduser()).resolve()
+        model, tokenizer, family, source, fingerprint, exit_training = load_exit_ready(
+            folder, dtype=resolved_dtype, cache_dir=cache_dir)
+    elif name in MODEL_ALIASES:
         alias = MODEL_ALIASES[name]
         model, tokenizer, family, source, fingerprint = _load_gguf(alias.locate(), resolved_dtype, cache_dir)
         source = f"{alias.description}; package {alias.pip_name}; {source}"
@@ -304,7 +328,7 @@ def load_model(
         elif _looks_like_path(name) or path.exists():
             raise FileNotFoundError(
                 f"{name!r} is not a model folder or .gguf file (no such folder). Pass a transformers "
-                f"model folder, a .gguf file, a hub id, or one of the aliases {sorted(MODEL_ALIASES)}."
+                f"model folder, a .gguf file, a hub id, or one of the aliases {sorted([*MODEL_ALIASES, *EXIT_READY_ALIASES])}."
             )
         else:
             model, tokenizer, family, source, fingerprint = _load_hub(name, resolved_dtype)
@@ -318,4 +342,11 @@ def load_model(
         name=name,
         source=source,
         fingerprint=fingerprint,
+        exit_training=exit_training,
     )
+
+
+def _is_exit_ready(folder: Path) -> bool:
+    from ltt_exit.train.artifact import is_exit_ready
+
+    return is_exit_ready(folder)
