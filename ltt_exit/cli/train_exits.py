@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from ltt_exit.cli._run import ArgumentParser, CLIError, run_cli
+
 DESCRIPTION = """\
 Fine-tune a model so that its early layers predict well through the model's own exit head.
 
@@ -77,7 +79,7 @@ def _recipe_spec(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltt-train-exits", description=DESCRIPTION, epilog=EPILOG,
+    parser = ArgumentParser(prog="ltt-train-exits", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="the exit-ready model folder to write")
     parser.add_argument("--model", default="smollm2-135m",
@@ -286,21 +288,25 @@ def run(args) -> dict:
     return summary
 
 
-def main(argv=None) -> int:
+PROG = "ltt-train-exits"
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     from ltt_exit.decode.adapters import CalibrationOverlap
 
     try:
         summary = run(args)
     except CalibrationOverlap as err:
-        print(f"ltt-train-exits: refused: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, TypeError, OSError) as err:
-        print(f"ltt-train-exits: error: {err}", file=sys.stderr)
-        return 2
+        raise CLIError(f"refused: {err}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``ltt-train-exits``: 0 ok, 2 bad input or refused (one line on stderr), 1 internal error."""
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

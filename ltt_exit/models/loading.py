@@ -166,7 +166,7 @@ def _resolve_dtype(dtype):
     )
 
 
-def _family_of(model_type: str, where: str) -> str:
+def family_of(model_type: str, where: str) -> str:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"{where}: model type {model_type!r} is not supported. Supported: T5ForConditionalGeneration "
@@ -182,7 +182,7 @@ def _model_class(family: str):
     return T5ForConditionalGeneration if family == "t5" else AutoModelForCausalLM
 
 
-def _from_pretrained(location: str, family: str, dtype, **kwargs):
+def from_pretrained(location: str, family: str, dtype, **kwargs):
     from transformers import AutoTokenizer
 
     model_kwargs = dict(kwargs)
@@ -216,12 +216,12 @@ def _load_gguf(gguf_path: Path, dtype, cache_dir) -> tuple[Any, Any, str, str, s
     import transformers
 
     entry = ensure_gguf_cache(gguf_path, cache_dir=cache_dir)
-    family = _family_of(entry.model_type, f"GGUF file {gguf_path}")
+    family = family_of(entry.model_type, f"GGUF file {gguf_path}")
     if dtype is None or dtype == "auto":
         import torch
 
         dtype = torch.float32  # the dequantised weights are stored as float32
-    model, tokenizer = _from_pretrained(str(entry.path), family, dtype)
+    model, tokenizer = from_pretrained(str(entry.path), family, dtype)
     key = f"v{FINGERPRINT_VERSION}-{str(model.dtype).removeprefix('torch.')}-transformers{transformers.__version__}"
     fingerprint = read_cached_fingerprint(entry, key)
     if fingerprint is None:
@@ -246,8 +246,8 @@ def _load_folder(folder: Path, dtype) -> tuple[Any, Any, str, str, str]:
         )
         raise FileNotFoundError(f"{folder} has no config.json.{hint}")
     config = AutoConfig.from_pretrained(str(folder))
-    family = _family_of(config.model_type, f"model folder {folder}")
-    model, tokenizer = _from_pretrained(str(folder), family, dtype)
+    family = family_of(config.model_type, f"model folder {folder}")
+    model, tokenizer = from_pretrained(str(folder), family, dtype)
     return model, tokenizer, family, f"local folder {folder}", model_fingerprint(model, tokenizer)
 
 
@@ -263,9 +263,9 @@ def _load_hub(hub_id: str, dtype) -> tuple[Any, Any, str, str, str]:
         config = AutoConfig.from_pretrained(hub_id)
     except (OSError, ValueError) as error:
         raise ModelUnavailableError(_unavailable_message(hub_id, error)) from error
-    family = _family_of(config.model_type, f"hub model {hub_id!r}")
+    family = family_of(config.model_type, f"hub model {hub_id!r}")
     try:
-        model, tokenizer = _from_pretrained(hub_id, family, dtype)
+        model, tokenizer = from_pretrained(hub_id, family, dtype)
     except OSError as error:
         raise ModelUnavailableError(_unavailable_message(hub_id, error)) from error
     return model, tokenizer, family, f"hub id {hub_id} (Hugging Face cache)", model_fingerprint(
@@ -309,7 +309,7 @@ def load_model(
 
         folder = EXIT_READY_ALIASES.get(name, Path(name).expanduser()).resolve()
         model, tokenizer, family, source, fingerprint, exit_training = load_exit_ready(
-            folder, dtype=resolved_dtype, cache_dir=cache_dir)
+            folder, load_base=load_model, load_full=_load_folder, dtype=resolved_dtype, cache_dir=cache_dir)
     elif name in MODEL_ALIASES:
         alias = MODEL_ALIASES[name]
         model, tokenizer, family, source, fingerprint = _load_gguf(alias.locate(), resolved_dtype, cache_dir)

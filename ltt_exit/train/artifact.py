@@ -106,7 +106,7 @@ def save_lora(peft_model, folder: Path, *, dtype=None) -> None:
 
 def training_hashes(manifest: dict[str, Any]):
     """The ExampleHashes of the training prompts recorded in a manifest (None when absent)."""
-    from ltt_exit.decode.adapters import ExampleHashes
+    from ltt_exit.decode.adapters.overlap import ExampleHashes
 
     data = manifest.get("example_hashes")
     return ExampleHashes.from_json(data) if data else None
@@ -114,7 +114,7 @@ def training_hashes(manifest: dict[str, Any]):
 
 def check_training_disjoint(manifest: dict[str, Any], calibration_set) -> None:
     """CalibrationOverlap naming the examples of ``calibration_set`` the exit-ready model was trained on."""
-    from ltt_exit.decode.adapters import CalibrationOverlap
+    from ltt_exit.decode.adapters.errors import CalibrationOverlap
 
     hashes = training_hashes(manifest)
     if hashes is None:
@@ -137,26 +137,21 @@ def _check_files(folder: Path, manifest: dict[str, Any]) -> None:
             raise ExitReadyMismatch(f"{path} differs from the file recorded in {MANIFEST_NAME} (edited or replaced)")
 
 
-def load_exit_ready(folder: str | os.PathLike[str], *, dtype=None, cache_dir=None):
+def load_exit_ready(folder: str | os.PathLike[str], *, load_base, load_full, dtype=None, cache_dir=None):
     """(model, tokenizer, family, source, fingerprint, manifest) of the exit-ready folder, merged, on the CPU.
 
     Refuses (ExitReadyMismatch) a base model whose fingerprint differs from the manifest's and weight files
-    that differ from those recorded.
+    that differ from those recorded. ``load_base`` is ``ltt_exit.models.load_model`` and ``load_full`` its
+    transformers-folder loader ((model, tokenizer, family, source, fingerprint) of a folder); the caller
+    hands them in so that this module does not import the loader that imports it.
     """
-    from ltt_exit.models.loading import load_model
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     _check_files(folder, manifest)
     base = manifest["base_model"]
     if manifest["kind"] == "full":
-        from ltt_exit.models.fingerprint import model_fingerprint
-        from ltt_exit.models.loading import _from_pretrained, _family_of
-        from transformers import AutoConfig
-
-        family = _family_of(AutoConfig.from_pretrained(str(folder)).model_type, f"model folder {folder}")
-        model, tokenizer = _from_pretrained(str(folder), family, dtype)
-        fingerprint = model_fingerprint(model, tokenizer)
+        model, tokenizer, family, _, fingerprint = load_full(folder, dtype)
         source = f"exit-ready full model {folder} (fine-tuned from {base['name']})"
         return model, tokenizer, family, source, fingerprint, manifest
     if manifest["kind"] != "lora":
@@ -165,7 +160,7 @@ def load_exit_ready(folder: str | os.PathLike[str], *, dtype=None, cache_dir=Non
     if not Path(base_name).is_absolute() and (folder / base_name).exists():
         base_name = str(folder / base_name)  # a base stored next to the adapter, named relatively
     # the base in the dtype it was trained from (its fingerprint is that dtype's), merged, then cast
-    loaded = load_model(base_name, device="cpu", dtype=base.get("dtype"), cache_dir=cache_dir)
+    loaded = load_base(base_name, device="cpu", dtype=base.get("dtype"), cache_dir=cache_dir)
     if loaded.fingerprint != base["fingerprint"]:
         raise ExitReadyMismatch(
             f"{folder}: the adapter was trained on base model {base['name']!r} with fingerprint "
