@@ -77,6 +77,8 @@ class EarlyExitDecoder:
         self.scorer.validate(self.num_layers, min_exit_layer)
         self.pruning = resolve_pruning(pruning)
         self.pruning.validate(self.backend.vocab_size, self.num_layers, min_exit_layer)
+        # what the pruning precomputes from the weights (the shortlist's low-rank head), once per decoder
+        self.pruning = self.pruning.bind(self.backend)
         self.schedule = ThresholdSchedule(tau)
         #: optional per-layer maps applied to h_ℓ before the exit head (ltt_exit.decode.adapters);
         #: an object with ``apply(layer, hidden (B, d)) -> (B, d)`` and ``describe() -> dict``

@@ -31,7 +31,7 @@ import torch
 
 from .backends import ExitBackend
 from .outputs import CostAccount, DecodedSequence
-from .pruning import NoPruning, VocabPruning
+from .pruning import NoPruning, VocabPruning, select_pruned
 from .schedule import ThresholdSchedule
 from .scorers import ConfidenceScorer, ExitView
 
@@ -114,6 +114,17 @@ class StepHeads:
             logits = full.gather(-1, ids)
             self._memo.append((layer, ids, logits))
             return logits
+        hidden = self._head_state(layer)
+        if ids is not None and ids is not self._weights_ids:
+            self._weights_ids, self._weights = ids, self.backend.head_weights(ids)
+        logits = self.backend.head(hidden, ids, self._weights if ids is not None else None)
+        if count_for is not None:
+            self.count(count_for, logits.shape[-1])
+        self._memo.append((layer, ids, logits))
+        return logits
+
+    def _head_state(self, layer: int) -> torch.Tensor:
+        """(B, d) the state the exit head of ``layer`` reads: h_ℓ, or its exit adapter's map of it."""
         hidden = self.hiddens[layer]
         if self.exit_adapters is not None and layer < self.backend.num_layers:
             # exit adapters map h_ℓ towards the final hidden state before the model's own head; the
@@ -122,13 +133,11 @@ class StepHeads:
             if layer not in self._adapted:
                 self._adapted[layer] = self.exit_adapters.apply(layer, hidden)
             hidden = self._adapted[layer]
-        if ids is not None and ids is not self._weights_ids:
-            self._weights_ids, self._weights = ids, self.backend.head_weights(ids)
-        logits = self.backend.head(hidden, ids, self._weights if ids is not None else None)
-        if count_for is not None:
-            self.count(count_for, logits.shape[-1])
-        self._memo.append((layer, ids, logits))
-        return logits
+        return hidden
+
+    def head_input(self, layer: int) -> torch.Tensor:
+        """(B, d) what the LM head multiplies at ``layer`` (the final norm of the head's state)."""
+        return self.backend.head_input(self._head_state(layer))
 
     def count(self, rows: torch.Tensor, width: int) -> None:
         """Charge ``width`` head rows to every row where ``rows`` (B,) bool is true."""
@@ -234,12 +243,14 @@ def exit_decision(
     rows where ``consulting`` (B,) is true (other rows' results are ignored by the caller), except the head
     a scorer that does not read it needs only where a row exits (``exit_head_rows``)."""
     head_always = head_at_every_consult(decoder.scorer, decoder.pruning)
-    pruned = decoder.pruning.select(
+    pruned = select_pruned(
+        decoder.pruning,
         layer,
         min_exit_layer=decoder.min_exit_layer,
         num_layers=decoder.num_layers,
         prev_ids=set_ids,
         head=lambda ids: heads(layer, ids, consulting if head_always else None),
+        head_input=lambda: heads.head_input(layer),
     )
     view = ExitView(
         layer=layer,
@@ -414,11 +425,18 @@ def finish_sequence(decoder: ExitSettings, record: RowRecord, prompt_length: int
     kv = backend.kv_flops()
     full_head = backend.head_flops(backend.vocab_size)
     # λ >= 1 never consults an exit head; the adapters' cost depends only on the exit layer
+    consults = threshold < 1.0 and decoder.min_exit_layer < num_layers
     adapter_cost = {layer: adapter_flops(decoder, layer) for layer in set(record.exit_layers)} \
-        if threshold < 1.0 else {}
+        if consults else {}
+    # a pruning's own work at the first consulted layer (the low-rank ranking of the shortlist), once per
+    # generated token that consulted it (every token but a decoder-only model's first, from the prompt)
+    shortlist_cost = decoder.pruning.extra_flops_per_token() if consults else 0.0
     for t, (layer, rows) in enumerate(zip(record.exit_layers, record.head_rows)):
-        if adapter_cost and not (backend.first_token_from_prompt and t == 0):
+        from_prompt = backend.first_token_from_prompt and t == 0
+        if adapter_cost and not from_prompt:
             cost.adapter_flops += adapter_cost[layer]
+        if not from_prompt:
+            cost.shortlist_flops += shortlist_cost
         if backend.first_token_from_prompt:
             context, source = prompt_length + t, 0  # token t comes from the pass of position P-1+t
         else:
@@ -430,7 +448,7 @@ def finish_sequence(decoder: ExitSettings, record: RowRecord, prompt_length: int
         cost.kv_propagations += num_layers - layer
         cost.flops += layer * per_layer + (num_layers - layer) * kv + backend.head_flops(rows)
         cost.full_flops += num_layers * per_layer + full_head
-    cost.flops += cost.adapter_flops
+    cost.flops += cost.adapter_flops + cost.shortlist_flops
     text = ""
     if decoder.tokenizer is not None:
         text = decoder.tokenizer.decode(record.token_ids, skip_special_tokens=True)

@@ -19,6 +19,8 @@ class CostAccount:
     flops:           estimated FLOPs of the decoding passes (layers + K/V propagation + heads + exit adapters)
     adapter_flops:   the exit adapters' part of ``flops``: one application of each adapted layer's map whose
                      head a token read (the consulted layers, and the layers their scorer reads)
+    shortlist_flops: the low-rank vocabulary ranking's part of ``flops`` (``shortlist`` pruning: 2·(d·r + r·V)
+                     per token that consulted its first exit layer; its k exact head rows are in head_rows)
     full_flops:      the same estimate for the full model (L layers and a full head for every token)
     prefill_flops:   prompt work that early exit does not change (T5: encoder + cross-attention K/V;
                      decoder-only: the prompt positions before the last one)
@@ -32,6 +34,7 @@ class CostAccount:
     full_flops: float = 0.0
     prefill_flops: float = 0.0
     adapter_flops: float = 0.0
+    shortlist_flops: float = 0.0
 
     @property
     def mean_layers(self) -> float:

@@ -19,6 +19,7 @@ import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .prompts import eos_ids
+from .pruning import select_pruned
 from .scorers import ExitView
 
 __all__ = ["ReferenceResult", "reference_generate"]
@@ -37,19 +38,24 @@ def _decide(decoder, layer: int, states: list[torch.Tensor], threshold: torch.Te
     Returns (exited, token, confidence, vocabulary set)."""
     backend = decoder.backend
 
-    def head_at(a, ids):
+    def adapted(a):
         hidden = states[a]
         adapters = getattr(decoder, "exit_adapters", None)
         if adapters is not None and a < decoder.num_layers:  # exit adapters map h_a before the exit head
             hidden = adapters.apply(a, hidden)
-        return backend.head(hidden, ids)
+        return hidden
 
-    pruned = decoder.pruning.select(
+    def head_at(a, ids):
+        return backend.head(adapted(a), ids)
+
+    pruned = select_pruned(
+        decoder.pruning,
         layer,
         min_exit_layer=decoder.min_exit_layer,
         num_layers=decoder.num_layers,
         prev_ids=set_ids,
         head=lambda ids: head_at(layer, ids),
+        head_input=lambda: backend.head_input(adapted(layer)),
     )
     view = ExitView(
         layer=layer,

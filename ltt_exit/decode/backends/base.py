@@ -147,6 +147,10 @@ class ExitBackend(ABC):
         weights: ``head_weights(ids)`` computed earlier for the same ids (saves gathering them again).
         """
 
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the LM head multiplies: the final norm of hidden (B, d) (and any family rescale), (B, d)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement head_input")
+
     def head_logits(self, normed: torch.Tensor, ids: torch.Tensor | None, weights: HeadWeights | None = None
                     ) -> torch.Tensor:
         """The LM head on its input normed (B, d): (B, V) logits, or (B, k) for vocabulary ids (B, k)."""

@@ -214,7 +214,10 @@ class DecoderOnlyBackend(ExitBackend):
     def head(
         self, hidden: torch.Tensor, ids: torch.Tensor | None = None, weights: HeadWeights | None = None
     ) -> torch.Tensor:
-        return self.head_logits(self.base.norm(hidden), ids, weights)
+        return self.head_logits(self.head_input(hidden), ids, weights)
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.base.norm(hidden)
 
     def select_rows(self, state: DecoderOnlyState, keep: torch.Tensor) -> None:
         # the per-step fields (masks, position ids and embeddings) are rebuilt from these by begin_step

@@ -173,10 +173,13 @@ class T5Backend(ExitBackend):
     def head(
         self, hidden: torch.Tensor, ids: torch.Tensor | None = None, weights: HeadWeights | None = None
     ) -> torch.Tensor:
+        return self.head_logits(self.head_input(hidden), ids, weights)
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         normed = self.decoder.dropout(self.decoder.final_layer_norm(hidden))
         if self.rescale_head_input:
             normed = normed * (self.hidden_size**-0.5)
-        return self.head_logits(normed, ids, weights)
+        return normed
 
     def select_rows(self, state: T5State, keep: torch.Tensor) -> None:
         # self- and cross-attention caches; the self-attention mask and position biases are rebuilt every step
