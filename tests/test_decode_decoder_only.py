@@ -119,7 +119,8 @@ def test_reference_comparison_is_not_vacuous():
     assert layers == {1, 2, 3, 4, 5}
 
 
-PRUNING_SPECS = {"none": "none", "fixed": ("fixed", {"k": 16}), "decaying": ("decaying", {"k_max": 80, "k_min": 6})}
+PRUNING_SPECS = {"none": "none", "fixed": ("fixed", {"k": 16}), "decaying": ("decaying", {"k_max": 80, "k_min": 6}),
+                 "shortlist": ("shortlist", {"rank": 8, "k": 48, "k_min": 6})}
 
 
 @pytest.mark.parametrize("scorer", sorted(SCORERS))

@@ -34,6 +34,7 @@ SCORER_PRUNING = [
     ("hidden-cosine", ("fixed", {"k": 6})),
     ("weighted-contrastive", ("fixed", {"k": 6})),  # not fused: the eager exit_rule.consult
     ("jsd-contrastive", "none"),
+    ("softmax-margin", ("shortlist", {"rank": 8, "k": 40, "k_min": 4})),  # not fused: the eager exit_rule.consult
 ]
 
 

@@ -22,7 +22,8 @@ MODELS = {
     "qwen2-tied-4L": lambda: tiny_qwen2(num_layers=4, seed=3, dtype=F64),
     "mistral-sliding-4L": lambda: tiny_mistral(num_layers=4, sliding_window=4, seed=4, dtype=F64),
 }
-PRUNING_SPECS = {"none": "none", "fixed": ("fixed", {"k": 12}), "decaying": ("decaying", {"k_max": 60, "k_min": 4})}
+PRUNING_SPECS = {"none": "none", "fixed": ("fixed", {"k": 12}), "decaying": ("decaying", {"k_max": 60, "k_min": 4}),
+                 "shortlist": ("shortlist", {"rank": 8, "k": 40, "k_min": 4})}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ from ltt_exit.decode.schedule import check_thresholds
 
 
 def test_registry_names():
-    assert set(PRUNINGS) == {"none", "fixed", "decaying"}
+    assert set(PRUNINGS) == {"none", "fixed", "decaying", "shortlist"}
 
 
 def test_keep_best_keeps_best_ranked_not_lowest_ids():

@@ -120,7 +120,8 @@ def test_reference_comparison_is_not_vacuous():
     assert len(distinct_tokens) >= 5
 
 
-PRUNING_SPECS = {"none": "none", "fixed": ("fixed", {"k": 12}), "decaying": ("decaying", {"k_max": 60, "k_min": 4})}
+PRUNING_SPECS = {"none": "none", "fixed": ("fixed", {"k": 12}), "decaying": ("decaying", {"k_max": 60, "k_min": 4}),
+                 "shortlist": ("shortlist", {"rank": 8, "k": 40, "k_min": 4})}
 
 
 @pytest.mark.parametrize("scorer", sorted(SCORERS))

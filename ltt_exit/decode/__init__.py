@@ -10,7 +10,16 @@ from .backends import BACKENDS, DecoderOnlyBackend, ExitBackend, T5Backend
 from .decoder import CONFIG_SCHEMA_VERSION, EarlyExitDecoder
 from .fast import FastEarlyExitDecoder
 from .outputs import CostAccount, DecodedSequence
-from .pruning import PRUNINGS, DecayingPruning, FixedPruning, NoPruning, VocabPruning, keep_best, resolve_pruning
+from .pruning import (
+    PRUNINGS,
+    DecayingPruning,
+    FixedPruning,
+    NoPruning,
+    ShortlistPruning,
+    VocabPruning,
+    keep_best,
+    resolve_pruning,
+)
 from .schedule import ThresholdSchedule
 from .scorers import (
     SCORERS,
@@ -43,6 +52,7 @@ __all__ = [
     "NoPruning",
     "FixedPruning",
     "DecayingPruning",
+    "ShortlistPruning",
     "keep_best",
     "ThresholdSchedule",
     "ExitBackend",

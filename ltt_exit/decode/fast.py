@@ -113,7 +113,8 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             self.compile_backend = "inductor" if compile is True else compile
             self._consult_fn = torch.compile(fused_consult, backend=self.compile_backend, fullgraph=True,
                                              dynamic=False)
-        #: after each generate(): host reads of decision flags and of EOS flags, graph replays, steps run
+        #: after each generate(): host reads of decision flags and of EOS flags, graph replays, steps run,
+        #: and ``head_consults``, the consulted layers whose exit decision (head, scorer) ran, summed over steps
         self.last_stats: dict[str, int] = {}
 
     # ---- plan -------------------------------------------------------------------------------------
@@ -381,7 +382,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
     def _fast_decode(self, prompt: PromptBatch, thresholds: list[float], max_new_tokens: int, eos: set[int],
                      forced: list[list[int]] | None) -> list[RowRecord]:
         backend, L = self.backend, self.num_layers
-        self._stats = {"launches": 0, "flag_reads": 0, "done_reads": 0, "steps": 0}
+        self._stats = {"launches": 0, "flag_reads": 0, "done_reads": 0, "steps": 0, "head_consults": 0}
         batch = len(thresholds)
         records = [RowRecord() for _ in thresholds]
         state0 = backend.start(prompt)
@@ -402,8 +403,9 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
             source_len = _round_up(prompt.input_ids.shape[1], self.length_bucket)
         s = self._session(batch, cache_len, source_len, max(1, len(eos)), forced is not None)
         self._load(s, prompt, state0, first, thresholds, max_new_tokens, eos, forced, first_step)
-        consult = self.min_exit_layer < L and any(math.isfinite(self.schedule.value(t, 0, max_new_tokens))
-                                                  for t in thresholds)
+        # a batch in which no row can exit (λ >= 1: λ_t = inf for every t) runs the full-model step: no exit
+        # head is evaluated, as the cost account (no head rows below L) says
+        consult = self.min_exit_layer < L and any(self.schedule.can_exit(t) for t in thresholds)
         finished_steps = 0
         with _recompile_room() if self.compile_backend else _nothing():
             for step in range(first_step, max_new_tokens):
@@ -446,6 +448,7 @@ class FastEarlyExitDecoder(EarlyExitDecoder):
         while index < L:
             self._run(s, f"layer{index}", lambda i=index: self._layer(s, ctx, i))
             if exit_rule.is_consulted(index + 1, j, L):  # its decision is read back, lookahead layers later
+                self._stats["head_consults"] += 1
                 self._post(s, index)
                 pending.append(index)
             index += 1

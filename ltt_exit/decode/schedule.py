@@ -30,6 +30,11 @@ class ThresholdSchedule:
     def __init__(self, tau: float = 0.0):
         self.tau = validation.check_tau(tau)
 
+    def can_exit(self, base: float) -> bool:
+        """Whether a row with base threshold ``base`` can exit at any token: λ_t is finite for every t
+        exactly when λ < 1 (the decay only lowers it: λ_t <= λ), so λ >= 1 never consults an exit head."""
+        return base < 1.0
+
     def value(self, base: float, t: int, budget: int) -> float:
         """λ_t for base threshold ``base`` at token index t (0-based) of budget N (inf when λ >= 1)."""
         if base >= 1.0:
