@@ -78,7 +78,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--scorer-params", type=json_object, default={}, metavar="JSON",
                        help="scorer parameters as JSON, e.g. '{\"alpha\": 0.1}'")
     model.add_argument("--pruning", default=d["pruning"],
-                       help=f"exit-head vocabulary pruning: none, fixed, decaying (default {d['pruning']})")
+                       help=f"exit-head vocabulary pruning: none, fixed, decaying, shortlist (default {d['pruning']})")
     model.add_argument("--pruning-params", type=json_object, default={}, metavar="JSON",
                        help="pruning parameters as JSON, e.g. '{\"k\": 2000}'")
     model.add_argument("--min-exit-layer", type=int, default=d["min_exit_layer"],
