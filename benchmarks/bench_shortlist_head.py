@@ -9,7 +9,8 @@ Sections (results in ``benchmarks/results/shortlist_head.json``):
 * ``flops``: the first consulted head's FLOPs, full vs shortlist per (r, k), and in decoder layers;
 * ``agreement``: teacher-forced on the full model's greedy continuations of SAMSum validation prompts
   (../shared/data): at each listed layer ℓ, how often the full head's top-1 at ℓ (and the last layer's
-  top-1) is inside the shortlist, and how often the softmax-margin exit decision at λ over the
+  top-1) is inside the shortlist (and, for comparison, the last layer's top-1 inside the full head's own
+  top k at ℓ, the set ``decaying`` starts from), and how often the softmax-margin exit decision at λ over the
   shortlist's k(j) best equals the decision over the decaying pruning's k(j) best of the full head;
 * ``decode``: ``EarlyExitDecoder.generate`` with the decaying pruning (k 1000 → 10) against the shortlist
   (r, k 1000 → 10) at min_exit_layer j: mean layers, FLOPs ratio, share of tokens equal to the
@@ -78,7 +79,7 @@ def agreement(model, decoders, states, layers, lambdas, j):
         keep = pruning.k_at(j, num_layers)
         per_layer = {}
         for layer in layers:
-            inside = inside_final = total = 0
+            inside = inside_final = final_in_topk = total = 0
             same_decision = {lam: 0 for lam in lambdas}
             for hiddens in states:
                 normed = base(hiddens[layer])  # (T, d): the exit head's input at layer ℓ
@@ -88,6 +89,9 @@ def agreement(model, decoders, states, layers, lambdas, j):
                 ids = pruning.shortlist(normed)  # (T, k)
                 inside += (ids == full.argmax(-1)[:, None]).any(-1).sum().item()
                 inside_final += (ids == final_top[:, None]).any(-1).sum().item()
+                # the same question for the decaying pruning's set at ℓ: the k best of the full head
+                best_k = full.topk(ids.shape[-1], dim=-1).indices
+                final_in_topk += (best_k == final_top[:, None]).any(-1).sum().item()
                 # the exit decision over k(j) best ids: the shortlist's vs the decaying pruning's (full head)
                 short_logits = full.gather(-1, ids).topk(keep, dim=-1).values
                 decay_logits = full.topk(keep, dim=-1).values
@@ -98,6 +102,7 @@ def agreement(model, decoders, states, layers, lambdas, j):
                 "tokens": total,
                 "layer_top1_in_shortlist": inside / total,
                 "final_top1_in_shortlist": inside_final / total,
+                "final_top1_in_full_head_top_k": final_in_topk / total,
                 **{f"same_exit_decision_at_{lam}": same_decision[lam] / total for lam in lambdas},
             }
         rows[name] = per_layer
@@ -172,6 +177,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 15, 20, 25, 29])
     parser.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 0.9, 0.7, 0.5])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sections", nargs="+", default=["flops", "agreement", "decode", "head_time"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "shortlist_head.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -193,15 +199,19 @@ def main() -> None:
     results.data["factorisation_seconds"] = time.perf_counter() - start  # both constructors; only one factorises
     context = int(sum(len(p) for p in prompt_ids) / len(prompt_ids)) + args.tokens // 2
     configs = [(32, 1000), (64, 1000), (64, 2000), (128, 1000), (args.rank, args.k)]
-    results.section("flops", head_flops, decoders["shortlist"].backend, list(dict.fromkeys(configs)), context)
-    states = continuations(model, tokenizer, prompts, args.tokens)
-    variants = {f"r={args.rank} k={args.k}": decoders["shortlist"]}
-    for rank, k in ((32, 1000), (128, 1000), (64, 2000)):
-        variants[f"r={rank} k={k}"] = EarlyExitDecoder(model, min_exit_layer=j, pruning=(
-            "shortlist", {"rank": rank, "k": k, "k_min": args.k_min}))
-    results.section("agreement", agreement, model, variants, states, args.layers, [0.9, 0.7, 0.5], j)
-    results.section("decode", decode, decoders, prompt_ids, args.tokens, args.lambdas)
-    results.section("head_time", head_time, model, decoders["shortlist"].pruning, args.repeats, 1)
+    if "flops" in args.sections:
+        results.section("flops", head_flops, decoders["shortlist"].backend, list(dict.fromkeys(configs)), context)
+    if "agreement" in args.sections:
+        variants = {f"r={args.rank} k={args.k}": decoders["shortlist"]}
+        for rank, k in ((32, 1000), (128, 1000), (64, 2000)):
+            variants[f"r={rank} k={k}"] = EarlyExitDecoder(model, min_exit_layer=j, pruning=(
+                "shortlist", {"rank": rank, "k": k, "k_min": args.k_min}))
+        states = continuations(model, tokenizer, prompts, args.tokens)
+        results.section("agreement", agreement, model, variants, states, args.layers, [0.9, 0.7, 0.5], j)
+    if "decode" in args.sections:
+        results.section("decode", decode, decoders, prompt_ids, args.tokens, args.lambdas)
+    if "head_time" in args.sections:
+        results.section("head_time", head_time, model, decoders["shortlist"].pruning, args.repeats, 1)
     results.save()
 
 
