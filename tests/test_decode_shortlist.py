@@ -204,3 +204,26 @@ def test_bad_shortlist_settings():
         resolve_pruning(("shortlist", {"rank": 0}))
     with pytest.raises(RuntimeError, match="not bound"):
         ShortlistPruning().shortlist(torch.zeros(1, d))
+
+
+@torch.no_grad()
+def test_exit_classifier_samples_see_the_shortlisted_head():
+    """Fitting an exit classifier for a shortlist decoder labels each layer with the shortlist's prediction."""
+    from ltt_exit.decode.adapters import collect_states, exit_classifier_samples
+    from ltt_exit.decode.backends import backend_for
+    from ltt_exit.decode.tiny_models import tiny_word_tokenizer
+
+    model = MODELS["llama-6L"]()
+    vocab = model.config.vocab_size
+    tok = tiny_word_tokenizer(vocab, pad_id=0, bos_id=1, eos_id=2, add_bos=True)
+    (batch,) = collect_states(model, tok, ["w5 w9 w30 w41"], max_new_tokens=6, layers=[1, 2, 3, 4, 5],
+                              eos_token_id=[])
+    backend = backend_for(model)
+    x, y = exit_classifier_samples(backend, batch, None, pruning=SHORTLIST, min_exit_layer=2)
+    weight = model.lm_head.weight.numpy()
+    normed = backend.head_input(batch.hidden[2].to(DTYPE)).numpy()
+    predicted = []
+    for row in range(normed.shape[0]):
+        candidates = slow_shortlist(weight, normed[row], 8, 40)
+        predicted.append(candidates[np.argmax(weight[candidates] @ normed[row])])
+    assert y[:, 0].tolist() == (np.array(predicted) == np.array(batch.tokens))[1:].tolist()

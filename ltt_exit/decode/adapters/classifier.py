@@ -49,10 +49,10 @@ def exit_classifier_samples(
 
     Returns features (T, L - min_exit_layer, G) float64 and labels (T, L - min_exit_layer) bool.
     """
-    from ..pruning import resolve_pruning
+    from ..pruning import resolve_pruning, select_pruned
     from ..scorers import ExitView, exit_features
 
-    pruning = resolve_pruning(pruning)
+    pruning = resolve_pruning(pruning).bind(backend)
     num_layers = backend.num_layers
     if not 2 <= min_exit_layer < num_layers:
         raise ValueError(f"fitting an exit classifier needs min_exit_layer in [2, {num_layers - 1}] (states are "
@@ -65,17 +65,21 @@ def exit_classifier_samples(
     target = torch.tensor(batch.tokens, device=backend.device)
     adapted: dict[int, torch.Tensor] = {}
 
-    def head(layer: int, ids: torch.Tensor | None) -> torch.Tensor:
+    def state(layer: int) -> torch.Tensor:
         if layer not in adapted:
             hidden = batch.hidden[layer].to(backend.device, backend.dtype)
             adapted[layer] = hidden if adapters is None else adapters.apply(layer, hidden)
-        return backend.head(adapted[layer], ids)
+        return adapted[layer]
+
+    def head(layer: int, ids: torch.Tensor | None) -> torch.Tensor:
+        return backend.head(state(layer), ids)
 
     rows, labels = [], []
     set_ids = None
     for layer in range(min_exit_layer, num_layers):
-        pruned = pruning.select(layer, min_exit_layer=min_exit_layer, num_layers=num_layers, prev_ids=set_ids,
-                                head=lambda ids, layer=layer: head(layer, ids))
+        pruned = select_pruned(pruning, layer, min_exit_layer=min_exit_layer, num_layers=num_layers,
+                               prev_ids=set_ids, head=lambda ids, layer=layer: head(layer, ids),
+                               head_input=lambda layer=layer: backend.head_input(state(layer)))
         view = ExitView(layer=layer, logits=pruned.logits,
                         hidden=batch.hidden[layer].to(backend.device, backend.dtype),
                         hidden_prev=batch.hidden[layer - 1].to(backend.device, backend.dtype),
