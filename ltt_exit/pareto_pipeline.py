@@ -87,9 +87,9 @@ def risks_of(args) -> dict[str, float]:
 
 def space_table_from_model(args: argparse.Namespace):
     """Load model and calibration set, then reuse or build the space table. Returns (table or None, info)."""
-    from ltt_exit.models import fingerprint_parts, load_model
+    from ltt_exit.models import load_model
     from ltt_exit.models.gguf_cache import default_cache_dir
-    from ltt_exit.pipeline import default_batch_prompts
+    from ltt_exit.pipeline import default_batch_prompts, sweep_metadata
     from ltt_exit.recipes import load_recipe
     from ltt_exit.sweep.space import load_space, run_space_sweep, space_sweep_key
 
@@ -139,14 +139,7 @@ def space_table_from_model(args: argparse.Namespace):
     cached.parent.mkdir(parents=True, exist_ok=True)
     _log(args, f"sweeping {len(space)} configurations ({len(space.settings)} settings) over "
                f"{len(calibration_set.examples)} prompts (max {max_new_tokens} new tokens each) …")
-    metadata = {
-        "model": {"name": args.model, "source": loaded.source, "family": loaded.family},
-        "model_fingerprint_parts": fingerprint_parts(loaded.model, loaded.tokenizer),
-        "recipe": calibration_set.recipe,
-        "calibration_set": calibration_set.describe(),
-        "prompt_format": "chat-template" if calibration_set.chat_template_applied else "raw",
-        "device": str(decoders[0].backend.device),
-    }
+    metadata = sweep_metadata(args, loaded, calibration_set, decoders[0].backend.device)
     result = run_space_sweep(
         loaded.model, loaded.tokenizer, calibration_set, space, max_new_tokens=max_new_tokens,
         metric=calibration_set.metric, out_path=cached, model_fingerprint=loaded.fingerprint,

@@ -118,7 +118,7 @@ def _log(args, message: str) -> None:
 def loss_table_from_model(args: argparse.Namespace):
     """Load model and calibration set, then reuse or build the loss table. Returns (table, info)."""
     from ltt_exit.loss_table import LossTable
-    from ltt_exit.models import fingerprint_parts, load_model
+    from ltt_exit.models import load_model
     from ltt_exit.models.gguf_cache import default_cache_dir
     from ltt_exit.recipes import load_recipe
 
@@ -196,14 +196,7 @@ def loss_table_from_model(args: argparse.Namespace):
     cached.parent.mkdir(parents=True, exist_ok=True)
     _log(args, f"sweeping {len(spec.lambdas)} candidate thresholds over {len(calibration_set.examples)} prompts "
                f"(max {spec.max_new_tokens} new tokens each) …")
-    metadata = {
-        "model": {"name": args.model, "source": loaded.source, "family": loaded.family},
-        "model_fingerprint_parts": fingerprint_parts(loaded.model, loaded.tokenizer),
-        "recipe": calibration_set.recipe,
-        "calibration_set": calibration_set.describe(),
-        "prompt_format": "chat-template" if calibration_set.chat_template_applied else "raw",
-        "device": str(decoder.backend.device),
-    }
+    metadata = sweep_metadata(args, loaded, calibration_set, decoder.backend.device)
     if world_size > 1:
         from ltt_exit.sweep.distributed import run_sweep_distributed
 
@@ -219,6 +212,21 @@ def loss_table_from_model(args: argparse.Namespace):
     _log(args, f"sweep done in {result.seconds:.1f}s; loss table {cached}")
     _keep_copy(result.table, args)
     return result.table, info
+
+
+def sweep_metadata(args: argparse.Namespace, loaded, calibration_set, device) -> dict:
+    """What a swept table records about where it came from: model (name, source, family, fingerprint
+    parts), recipe, calibration set, prompt format and device. Shared by the loss-table and space sweeps."""
+    from ltt_exit.models import fingerprint_parts
+
+    return {
+        "model": {"name": args.model, "source": loaded.source, "family": loaded.family},
+        "model_fingerprint_parts": fingerprint_parts(loaded.model, loaded.tokenizer),
+        "recipe": calibration_set.recipe,
+        "calibration_set": calibration_set.describe(),
+        "prompt_format": "chat-template" if calibration_set.chat_template_applied else "raw",
+        "device": str(device),
+    }
 
 
 def _keep_copy(table, args) -> None:
