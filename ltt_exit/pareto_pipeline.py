@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from ltt_exit.cli._arguments import open_unit
 from ltt_exit.space_table import RISK_COLUMNS, SpaceTable
 
 __all__ = ["add_pareto_options", "parse_risks", "space_table_from_model", "run_pareto_certification", "describe_pareto"]
@@ -39,16 +40,6 @@ def parse_risks(text: str) -> dict[str, float]:
     return risks
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--split must be a number strictly between 0 and 1; got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"--split must be strictly between 0 and 1; got {text}")
-    return value
-
-
 def add_pareto_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "several knobs and risks at once (Pareto Testing; docs/certification.md#pareto-testing)",
@@ -62,7 +53,7 @@ def add_pareto_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--risks", type=parse_risks, metavar="NAME=δ,…",
                        help="several risks, each with its own δ, e.g. textual=0.1,risk=0.05 (risk needs references); "
                             "a configuration is certified only if every risk is. Default: --loss at --delta")
-    group.add_argument("--split", type=_fraction, default=0.5, metavar="F",
+    group.add_argument("--split", type=open_unit("--split"), default=0.5, metavar="F",
                        help="fraction of the calibration examples that estimates the Pareto front (default 0.5); "
                             "the rest tests it. Split with --seed (recorded)")
     group.add_argument("--cost", choices=COSTS, default="mean_layers",

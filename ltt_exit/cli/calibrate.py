@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ltt_exit.certificate import Certificate
+from ltt_exit.cli._arguments import open_unit
 from ltt_exit.cli._run import ArgumentParser, CLIError, run_cli
 from ltt_exit.certify import PROCEDURES, PVALUES, certify, get_procedure
 from ltt_exit.loss_table import LossTable
@@ -60,19 +61,6 @@ Exit status: 0 when a certificate was written (also when nothing was certified),
 2 on bad input (one line on stderr; nothing is written), 1 on an internal error."""
 
 
-def _open_unit(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number strictly between 0 and 1; got {text!r}") from None
-        if not 0.0 < value < 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be strictly between 0 and 1; got {text}")
-        return value
-
-    return parse
-
-
 def _whole(minimum: int, name: str):
     def parse(text: str) -> int:
         try:
@@ -96,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     guarantee = parser.add_argument_group("the guarantee")
     guarantee.add_argument(
-        "--delta", type=_open_unit("--delta"), metavar="δ",
+        "--delta", type=open_unit("--delta"), metavar="δ",
         help="risk tolerance δ in (0, 1): the largest acceptable average loss, e.g. 0.1 (required unless "
              "--risks gives one δ per risk)",
     )
     guarantee.add_argument(
-        "--epsilon", required=True, type=_open_unit("--epsilon"), metavar="ε",
+        "--epsilon", required=True, type=open_unit("--epsilon"), metavar="ε",
         help="allowed failure probability ε in (0, 1), e.g. 0.05 for 95%% confidence",
     )
     data = parser.add_argument_group("calibration data")

@@ -150,13 +150,20 @@ class SweepResult:
     seconds: float = 0.0
 
 
-def check_calibration_set(calibration_set, spec: SweepSpec) -> list:
+def check_examples(calibration_set) -> list:
+    """The calibration set's examples, refused when empty or when two share an id (records are keyed
+    by id). Every sweep (one configuration or a space) starts with this."""
     examples = list(calibration_set.examples)
     if not examples:
         raise ValueError("the calibration set is empty: nothing to sweep")
     ids = [str(ex.id) for ex in examples]
     if len(set(ids)) != len(ids):
         raise ValueError("the calibration set has duplicate example ids")
+    return examples
+
+
+def check_calibration_set(calibration_set, spec: SweepSpec) -> list:
+    examples = check_examples(calibration_set)
     if spec.loss == "risk" and any(ex.reference is None for ex in examples):
         raise ValueError("risk-consistency losses need a reference for every example; "
                          "this calibration set has none — use loss='textual'")

@@ -47,7 +47,7 @@ import numpy as np
 from ltt_exit import __version__
 from ltt_exit.space_table import SpaceTable
 from ltt_exit.sweep.partial import PartialSweep
-from ltt_exit.sweep.run import COST_MODEL_VERSION, partial_path
+from ltt_exit.sweep.run import COST_MODEL_VERSION, check_examples, partial_path
 
 __all__ = ["Setting", "ConfigurationSpace", "load_space", "SpaceSweepResult", "run_space_sweep", "space_sweep_key"]
 
@@ -299,12 +299,7 @@ def run_space_sweep(
 
     from ltt_exit.decode import EarlyExitDecoder
 
-    examples = list(calibration_set.examples)
-    if not examples:
-        raise ValueError("the calibration set is empty: nothing to sweep")
-    ids = [str(ex.id) for ex in examples]
-    if len(set(ids)) != len(ids):
-        raise ValueError("the calibration set has duplicate example ids")
+    examples = check_examples(calibration_set)
     if prompts_per_batch < 1 or max_new_tokens < 1:
         raise ValueError("prompts_per_batch and max_new_tokens must be at least 1")
     decoders = [EarlyExitDecoder(model, tokenizer, **s.decoder_kwargs(), exit_adapters=exit_adapters) for s in space.settings]
