@@ -17,7 +17,10 @@ The sweep is resumable and runs in chunks: each call sweeps for at most ``--time
 and exits; call again with the same arguments until it prints ``sweep complete``, which then runs
 the analysis and writes ``results-<cost>.json`` and ``results-<cost>.md`` under ``--out-dir``
 (``--cost mean_layers`` or ``flops``: what every method minimises; once the table is complete a
-call only re-analyses). On the H200:
+call only re-analyses). With ``--analyse-partial`` a call that leaves the sweep incomplete (``--time-budget 0``
+sweeps nothing more) analyses the prompts swept so far instead: the same analysis and result files, marked
+partial (``n_swept`` / ``n_planned``), the table saved as ``space.partial-<k>.parquet``; the partial file is
+kept, so the next call still resumes the sweep. On the H200:
 
     python benchmarks/bench_pareto_real.py --model /tmp/smollm2/model.gguf \
         --data samsum_validation.jsonl --size 200 --max-new-tokens 32 --device cuda --dtype bfloat16 \
@@ -75,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--wall-prompts", type=int, default=0, help="prompts timed per configuration at batch 1 (0: skip)")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="small space, 8 prompts, 8 tokens, CPU-sized")
+    parser.add_argument("--analyse-partial", action="store_true",
+                        help="if the sweep is still incomplete after this call, analyse the prompts swept so far "
+                             "(results marked partial; the sweep stays resumable)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.space = args.space or SMOKE_SPACE
@@ -101,6 +107,14 @@ def load_everything(args):
     return loaded, calibration_set, space
 
 
+def _sweep_arguments(args, loaded, calibration_set) -> dict:
+    """What run_space_sweep and assemble_partial_space_table share (so both open the same partial file)."""
+    return dict(max_new_tokens=args.max_new_tokens, metric=calibration_set.metric,
+                out_path=args.out_dir / "space.parquet", model_fingerprint=loaded.fingerprint,
+                metadata={"model": {"name": args.model, "source": loaded.source},
+                          "calibration_set": calibration_set.describe()})
+
+
 def sweep(args, loaded, calibration_set, space):
     from ltt_exit.pipeline import default_batch_prompts
     from ltt_exit.sweep.space import run_space_sweep
@@ -108,11 +122,20 @@ def sweep(args, loaded, calibration_set, space):
     device_type = next(loaded.model.parameters()).device.type
     args.out_dir.mkdir(parents=True, exist_ok=True)
     return run_space_sweep(
-        loaded.model, loaded.tokenizer, calibration_set, space, max_new_tokens=args.max_new_tokens,
-        metric=calibration_set.metric, out_path=args.out_dir / "space.parquet", model_fingerprint=loaded.fingerprint,
-        prompts_per_batch=args.batch_prompts or default_batch_prompts(device_type),
-        metadata={"model": {"name": args.model, "source": loaded.source}, "calibration_set": calibration_set.describe()},
-        time_budget_s=args.time_budget)
+        loaded.model, loaded.tokenizer, calibration_set, space, **_sweep_arguments(args, loaded, calibration_set),
+        prompts_per_batch=args.batch_prompts or default_batch_prompts(device_type), time_budget_s=args.time_budget)
+
+
+def partial_table(args, loaded, calibration_set, space):
+    """The space table of the prompts swept so far (None if none), saved as space.partial-<k>.parquet;
+    the partial file stays, and space.parquet is not written, so the sweep can still be resumed."""
+    from ltt_exit.sweep.space import assemble_partial_space_table
+
+    table = assemble_partial_space_table(loaded.model, loaded.tokenizer, calibration_set, space,
+                                         **_sweep_arguments(args, loaded, calibration_set))
+    if table is not None:
+        table.save(args.out_dir / f"space.partial-{table.n}.parquet")
+    return table
 
 
 def fixed_sequence_per_setting(losses, costs, deltas, epsilon, configurations):
@@ -241,6 +264,10 @@ def wall_clock(args, loaded, space, calibration_set, table, chosen: dict) -> dic
 
 
 def markdown(result: dict) -> str:
+    head = []
+    if "n_swept" in result:
+        head = [f"partial: {result['n_swept']} of {result['n_planned']} prompts (the first {result['n_swept']} of the "
+                "seed-0 sample in sweep order, chosen by the time budget, not by their losses)", ""]
     rows = [("Pareto Testing", "pareto_testing"), ("default configuration", "default_configuration"),
             ("best single configuration (hindsight)", "hindsight_best_single_configuration"),
             ("hindsight oracle (no guarantee)", "hindsight_oracle_no_guarantee")]
@@ -260,7 +287,7 @@ def markdown(result: dict) -> str:
     lines.append(f"Cost minimised: {result['cost']}. Pareto / default: {result['pareto_over_default']:.3f}; Pareto / hindsight best: "
                  f"{result['pareto_over_hindsight_best']:.3f}. Validity (ltt-report protocol, {v['trials']} random "
                  f"80/20 splits): violation rate {v['violation_rate']:.3f} ± {v['violation_se']:.3f} (ε = {result['epsilon']}).")
-    return "\n".join(lines) + "\n"
+    return "\n".join(head + lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -276,17 +303,31 @@ def main(argv=None) -> int:
               f"({result.resumed_examples} resumed, {result.remaining_examples} left)", flush=True)
         if result.table is None:
             print("sweep incomplete: run the same command again to continue")
+            if not args.analyse_partial:
+                return 0
+            table = partial_table(args, loaded, calibration_set, space)
+            if table is None:
+                print("nothing swept yet: no partial analysis")
+                return 0
+            n_planned = table.metadata["partial"]["n_planned"]
+            print(f"analysing the partial table: {table.n} of {n_planned} prompts "
+                  f"(saved as space.partial-{table.n}.parquet)", flush=True)
+            result = {"n_swept": table.n, "n_planned": n_planned} | analyse(args, table, loaded, space, calibration_set)
+            write_results(args, result)
             return 0
     print("sweep complete", flush=True)
     table = SpaceTable.load(table_path)
     if args.wall_prompts and loaded is None:
         loaded, calibration_set, space = load_everything(args)
-    result = analyse(args, table, loaded, space, calibration_set)
+    write_results(args, analyse(args, table, loaded, space, calibration_set))
+    return 0
+
+
+def write_results(args, result: dict) -> None:
     (args.out_dir / f"results-{args.cost}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
     text = markdown(result)
     (args.out_dir / f"results-{args.cost}.md").write_text(text)
     print(text)
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ from ltt_exit.decode import EarlyExitDecoder
 from ltt_exit.decode.tiny_models import tiny_llama, tiny_word_tokenizer
 from ltt_exit.recipes.recipe import CalibrationSet, Example
 from ltt_exit.space_table import SpaceTable, SpaceTableError, is_space_table
+from ltt_exit.sweep.partial import PartialSweepMismatch
 from ltt_exit.sweep.run import partial_path
-from ltt_exit.sweep.space import load_space, run_space_sweep
+from ltt_exit.sweep.space import assemble_partial_space_table, load_space, run_space_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,12 +106,22 @@ def test_sweep_matches_each_configuration_decoded_alone_and_resumes(tmp_path):
     stopped = run_space_sweep(model, tokenizer, calset, space, max_new_tokens=5, metric="rouge-l", out_path=out,
                               model_fingerprint="sha256:m", progress=False, time_budget_s=0.0)
     assert stopped.table is None and stopped.remaining_examples == 2 and stopped.resumed_examples == 4
+    # the prompts swept so far can be analysed as a table of their own, leaving the sweep resumable
+    arguments = dict(max_new_tokens=5, metric="rouge-l", out_path=out, model_fingerprint="sha256:m")
+    partial_table = assemble_partial_space_table(model, tokenizer, calset, space, **arguments)
+    assert partial_table.example_ids == [f"ex{i}" for i in range(4)]
+    assert partial_table.metadata["partial"] == {"n_swept": 4, "n_planned": 6}
+    assert partial_path(out).exists() and not out.exists()
+    with pytest.raises(PartialSweepMismatch):  # the partial file of another calibration set is refused
+        assemble_partial_space_table(model, tokenizer, _calibration_set(5), space, **arguments)
     result = run_space_sweep(model, tokenizer, calset, space, max_new_tokens=5, metric="rouge-l", out_path=out,
                              model_fingerprint="sha256:m", prompts_per_batch=3, progress=False)
     assert result.resumed_examples == 4 and result.decoded_examples == 2 and not partial_path(out).exists()
 
     assert is_space_table(out)
     table = SpaceTable.load(out)
+    np.testing.assert_array_equal(partial_table.losses(["textual", "risk"]), table.losses(["textual", "risk"])[:4])
+    assert "partial" not in table.metadata
     assert table.n == 6 and table.K == 12 and table.risks == ["textual", "risk"]
     assert table.example_ids == [f"ex{i}" for i in range(6)]
     losses = table.losses(["textual", "risk"])

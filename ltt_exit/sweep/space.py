@@ -49,7 +49,8 @@ from ltt_exit.space_table import SpaceTable
 from ltt_exit.sweep.partial import PartialSweep
 from ltt_exit.sweep.run import COST_MODEL_VERSION, check_examples, partial_path
 
-__all__ = ["Setting", "ConfigurationSpace", "load_space", "SpaceSweepResult", "run_space_sweep", "space_sweep_key"]
+__all__ = ["Setting", "ConfigurationSpace", "load_space", "SpaceSweepResult", "run_space_sweep", "space_sweep_key",
+           "assemble_partial_space_table"]
 
 _PRODUCT_KEYS = {"lambdas", "min_exit_layer", "pruning", "scorer", "tau"}
 _SETTING_KEYS = {"min_exit_layer", "pruning", "scorer", "tau"}
@@ -297,16 +298,10 @@ def run_space_sweep(
     """
     from tqdm.auto import tqdm
 
-    from ltt_exit.decode import EarlyExitDecoder
-
-    examples = check_examples(calibration_set)
     if prompts_per_batch < 1 or max_new_tokens < 1:
         raise ValueError("prompts_per_batch and max_new_tokens must be at least 1")
-    decoders = [EarlyExitDecoder(model, tokenizer, **s.decoder_kwargs(), exit_adapters=exit_adapters) for s in space.settings]
-    if exit_adapters is not None:
-        exit_adapters.check_disjoint(calibration_set)
-    decoder_configs = [d.config_dict() for d in decoders]
-    key = space_sweep_key(model_fingerprint, decoder_configs, space, calibration_set.fingerprint, max_new_tokens, metric)
+    examples, decoders, decoder_configs, key = _prepare(model, tokenizer, calibration_set, space, max_new_tokens,
+                                                        metric, model_fingerprint, exit_adapters)
     out_path = Path(out_path)
     partial = PartialSweep(partial_path(out_path), key)
     resumed = len(partial)
@@ -344,7 +339,31 @@ def run_space_sweep(
     remaining = len(examples) - len(partial)
     if remaining:
         return SpaceSweepResult(None, out_path, resumed, decoded, remaining, seconds)
-    table = assemble_space_table(examples, partial.records, space, decoder_configs, metadata={
+    table = assemble_space_table(examples, partial.records, space, decoder_configs, metadata=_table_metadata(
+        key, model_fingerprint, calibration_set, metric, max_new_tokens, decoders, space, metadata))
+    table.save(out_path)
+    partial.remove()
+    return SpaceSweepResult(table, out_path, resumed, decoded, 0, seconds)
+
+
+def _prepare(model, tokenizer, calibration_set, space: ConfigurationSpace, max_new_tokens: int, metric: str,
+             model_fingerprint: str, exit_adapters: Any):
+    """The examples, one decoder per setting, their configs and the sweep key (shared by the sweep and
+    :func:`assemble_partial_space_table`, so that both open the same partial file)."""
+    from ltt_exit.decode import EarlyExitDecoder
+
+    examples = check_examples(calibration_set)
+    decoders = [EarlyExitDecoder(model, tokenizer, **s.decoder_kwargs(), exit_adapters=exit_adapters) for s in space.settings]
+    if exit_adapters is not None:
+        exit_adapters.check_disjoint(calibration_set)
+    decoder_configs = [d.config_dict() for d in decoders]
+    key = space_sweep_key(model_fingerprint, decoder_configs, space, calibration_set.fingerprint, max_new_tokens, metric)
+    return examples, decoders, decoder_configs, key
+
+
+def _table_metadata(key: str, model_fingerprint: str, calibration_set, metric: str, max_new_tokens: int,
+                    decoders: Sequence, space: ConfigurationSpace, metadata: dict | None) -> dict:
+    return {
         "ltt_exit_version": __version__,
         "space_sweep_key": key,
         "model_fingerprint": model_fingerprint,
@@ -355,10 +374,37 @@ def run_space_sweep(
         "cost_model": COST_MODEL_VERSION,
         "space": space.to_dict(),
         **(metadata or {}),
-    })
-    table.save(out_path)
-    partial.remove()
-    return SpaceSweepResult(table, out_path, resumed, decoded, 0, seconds)
+    }
+
+
+def assemble_partial_space_table(
+    model,
+    tokenizer,
+    calibration_set,
+    space: ConfigurationSpace,
+    *,
+    max_new_tokens: int,
+    metric: str,
+    out_path: str | Path,
+    model_fingerprint: str,
+    exit_adapters: Any = None,
+    metadata: dict | None = None,
+) -> SpaceTable | None:
+    """The space table of the prompts an unfinished :func:`run_space_sweep` (same arguments) has
+    recorded so far, in the calibration set's order; ``None`` when it has recorded none.
+
+    Its metadata is the complete table's plus ``partial: {"n_swept": k, "n_planned": n}``. Neither the
+    partial file nor ``out_path`` is touched (beyond cutting a torn last line, as a resume would), so
+    the sweep can still be resumed; saving the returned table is the caller's choice."""
+    examples, decoders, decoder_configs, key = _prepare(model, tokenizer, calibration_set, space, max_new_tokens,
+                                                        metric, model_fingerprint, exit_adapters)
+    partial = PartialSweep(partial_path(Path(out_path)), key)
+    swept = [ex for ex in examples if str(ex.id) in partial]
+    if not swept:
+        return None
+    meta = _table_metadata(key, model_fingerprint, calibration_set, metric, max_new_tokens, decoders, space, metadata)
+    meta["partial"] = {"n_swept": len(swept), "n_planned": len(examples)}
+    return assemble_space_table(swept, partial.records, space, decoder_configs, metadata=meta)
 
 
 def assemble_space_table(examples, records: Mapping[str, dict], space: ConfigurationSpace,
