@@ -49,6 +49,8 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "n_cal": r["task"]["n_cal"], "n_test": r["task"]["n_test"],
                 "max_new_tokens": r["task"]["max_new_tokens"],
                 "timing_device": (full_time or {}).get("device"),
+                # where the loss tables were swept (rows of one task may come from different machines)
+                "sweep": f"{r.get('sweep', {}).get('device', '?')}, {str(r['model'].get('dtype')).replace('torch.', '')}",
                 # share of the timed prompts whose fast-path text equals the sweep's at this λ (1.0 expected)
                 "timing_same_text": at.get("same_text_as_sweep") if at else None,
             })
@@ -76,10 +78,10 @@ def markdown_table(rows: list[dict]) -> list[str]:
         block = [r for r in rows if r["task"] == task]
         first = block[0]
         metric_names = " / ".join(PRIMARY_METRIC_LABEL.get(m, m) for m in first["metrics"])
-        settings = sorted({(r["n_cal"], r["n_test"], r["max_new_tokens"], r["n_time"], r["timing_device"] or "–")
-                           for r in block})
-        described = "; ".join(f"n_cal = {a}, n_test = {b}, max new tokens = {c}, batch-1 timing on the first {d} "
-                              f"test prompts ({e})" for a, b, c, d, e in settings)
+        settings = sorted({(r["n_cal"], r["n_test"], r["max_new_tokens"], r.get("sweep", "?"), r["n_time"],
+                            r["timing_device"] or "–") for r in block})
+        described = "; ".join(f"n_cal = {a}, n_test = {b}, max new tokens = {c}, swept on {s}, batch-1 timing on the "
+                              f"first {d} test prompts ({e})" for a, b, c, s, d, e in settings)
         if len(settings) > 1:  # results of calls with other sizes share the folder: say so instead of hiding it
             described = "rows computed with different settings: " + described
         lines += [f"#### {task}", "", f"{described}; task metric {metric_names} × 100 on the test split.", "",
