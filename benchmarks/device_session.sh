@@ -11,6 +11,10 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 log() { echo "[$(( $(date +%s) - START ))s] $*"; }
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 LTT_EXIT_CACHE=/tmp/ltt-cache
 : "${OUT:?OUT must name the folder whose files come back}"
+# results gather in one folder that goes back as one archive ($OUT takes at most 8 files per call)
+FINAL_OUT=$OUT; OUT=/tmp/session-out; mkdir -p $OUT
+pack() { tar czf $FINAL_OUT/session.tgz -C /tmp session-out; }
+trap pack EXIT
 DONE=/tmp/done; mkdir -p $DONE /tmp/exit/tables $LTT_EXIT_CACHE/loss-tables
 GGUF=/tmp/smollm2/model.gguf
 [ -f $GGUF ] || python3 benchmarks/gguf_transfer.py join --src /tmp/gguf-parts --out $GGUF || exit 1
@@ -43,19 +47,19 @@ fi
 
 # 3. issue 16: Pareto Testing on the real model (27 settings x 10 lambdas, 200 SAMSum validation prompts,
 #    24 new tokens; analysed on the GPU for risk consistency <= 0.2, re-analysed here for other risks)
-if [ ! -f $DONE/pareto ] && [ "$(left)" -gt 120 ]; then
+# the sweep stops starting batches after its budget; one batch of 24 prompts x 27 settings takes about
+# 150 s on the H200, and the analysis with the wall clock about 60 s: keep 240 s back, sweep only if 60 remain
+if [ ! -f $DONE/pareto ] && [ "$(left)" -gt 300 ]; then
   log "pareto"
   mkdir -p /tmp/pareto_real
   [ -f /tmp/pareto_real/space.parquet.partial.jsonl ] || [ ! -f .device/pareto/space.parquet.partial.jsonl ] \
     || cp .device/pareto/space.parquet.partial.jsonl /tmp/pareto_real/
   timeout $(( $(left) - 20 )) python3 benchmarks/bench_pareto_real.py --model $GGUF \
     --data /tmp/study-data/samsum_validation.jsonl --size 200 --max-new-tokens 24 --device cuda --dtype bfloat16 \
-    --batch-prompts 24 --risks risk=0.2 --time-budget $(( $(left) - 250 )) --out-dir /tmp/pareto_real --wall-prompts 16 \
+    --batch-prompts 24 --risks risk=0.2 --time-budget $(( $(left) - 240 )) --out-dir /tmp/pareto_real --wall-prompts 16 \
     --space benchmarks/data/pareto_real_space.yaml > $OUT/pareto.log 2>&1
   grep -q "sweep complete" $OUT/pareto.log && [ -f /tmp/pareto_real/results-mean_layers.json ] && touch $DONE/pareto
-  mkdir -p $OUT/pareto_real
-  for f in /tmp/pareto_real/*; do case "$f" in *.jsonl|*.parquet) gzip -c "$f" > $OUT/pareto_real/$(basename "$f").gz;;
-    *) cp "$f" $OUT/pareto_real/;; esac; done
+  rm -rf $OUT/pareto_real && cp -r /tmp/pareto_real $OUT/pareto_real
   tail -4 $OUT/pareto.log
 fi
 
@@ -75,6 +79,6 @@ if [ "$(left)" -gt 100 ]; then
     --tasks squad,samsum,xsum,cnn-dailymail,iwslt2017-en-de --scorers softmax-margin --reductions decaying \
     --n-test 50 --n-time 10 --max-new-tokens squad=24,samsum=32,xsum=32,cnn-dailymail=64,iwslt2017-en-de=48 \
     --time-budget $(( $(left) - 40 )) --quiet --no-report --out /tmp/study_out > $OUT/study.log 2>&1
-  tar czf $OUT/study_table.tgz -C /tmp study_out; tail -4 $OUT/study.log
+  rm -rf $OUT/study_out && cp -r /tmp/study_out $OUT/study_out; tail -4 $OUT/study.log
 fi
 log "end"
