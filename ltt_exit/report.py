@@ -118,13 +118,30 @@ def markdown_table(summaries: list[DeltaSummary]) -> str:
     return head + rows
 
 
-def plot_report(table: LossTable, summaries: list[DeltaSummary], out_dir: Path, *,
-                epsilon: float, pvalue: str = "hoeffding-bentkus") -> list[Path]:
-    """Write PNG plots: risk and p-value vs λ, exit-layer histogram, quality/speed frontier."""
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (plots are files, never windows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_report(table: LossTable, summaries: list[DeltaSummary], out_dir: Path, *,
+                epsilon: float, pvalue: str = "hoeffding-bentkus") -> list[Path]:
+    """Write PNG plots: risk and p-value vs λ, exit-layer histogram, quality/speed frontier."""
+    plt = _pyplot()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     lambdas = np.asarray(table.lambdas, float)
@@ -139,8 +156,8 @@ def plot_report(table: LossTable, summaries: list[DeltaSummary], out_dir: Path, 
     ax_risk.set_ylabel("mean loss")
     ax_risk.set_title("Risk vs threshold (dashed: δ values)")
     ax_risk.invert_xaxis()
-    for s in summaries:
-        cert = certify(table.losses, lambdas, s.delta, epsilon, pvalue=pvalue)
+    certificates = [certify(table.losses, lambdas, s.delta, epsilon, pvalue=pvalue) for s in summaries]
+    for s, cert in zip(summaries, certificates):
         ax_p.semilogy(lambdas, np.maximum(cert.pvalues, 1e-300), "o-", label=f"δ = {s.delta:g}")
     ax_p.axhline(epsilon, color="red", ls="--", lw=1, label=f"ε = {epsilon:g}")
     ax_p.set_xlabel("λ")
@@ -148,18 +165,13 @@ def plot_report(table: LossTable, summaries: list[DeltaSummary], out_dir: Path, 
     ax_p.set_title("p-values vs threshold")
     ax_p.invert_xaxis()
     ax_p.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "risk_pvalues.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, out_dir / "risk_pvalues.png"))
 
     if "exit_layers" in table.candidate_columns:
         fig, ax = plt.subplots(figsize=(6, 4))
         columns = table.candidate_columns["exit_layers"]
         num_layers = table.metadata.get("num_layers")
-        for s in summaries:
-            cert = certify(table.losses, lambdas, s.delta, epsilon, pvalue=pvalue)
+        for s, cert in zip(summaries, certificates):
             if cert.chosen_index is None:
                 continue
             values = [int(x) for cell in columns[:, cert.chosen_index] for x in str(cell).split()]
@@ -170,11 +182,7 @@ def plot_report(table: LossTable, summaries: list[DeltaSummary], out_dir: Path, 
         ax.set_ylabel("tokens")
         ax.set_title("Exit layers at the certified λ (whole table)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "exit_layers.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "exit_layers.png"))
 
     layers, tokens = _layer_stats(table)
     num_layers = table.metadata.get("num_layers")
@@ -187,11 +195,7 @@ def plot_report(table: LossTable, summaries: list[DeltaSummary], out_dir: Path, 
         ax.set_xlabel("estimated speed-up (L / mean layers)")
         ax.set_ylabel("mean loss")
         ax.set_title("Quality / speed frontier (labels: λ)")
-        fig.tight_layout()
-        path = out_dir / "frontier.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "frontier.png"))
     return written
 
 
@@ -293,10 +297,7 @@ def _describe_configuration(config: dict) -> str:
 def plot_pareto_plane(table, certificate, out_dir: Path, *, cost: str = "mean_layers") -> Path:
     """The risk–cost plane: every configuration (whole table), the certificate's Pareto front and tested
     order (estimated on its optimisation part), the certified configurations and the chosen one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pareto = certificate.pareto
@@ -320,8 +321,4 @@ def plot_pareto_plane(table, certificate, out_dir: Path, *, cost: str = "mean_la
     ax.set_ylabel("max over risks of risk / δ (optimisation part)")
     ax.set_title("Pareto Testing: risk–cost plane (dashed: δ)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "pareto_plane.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir / "pareto_plane.png")

@@ -54,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pareto_report(args) -> int:
-    from ltt_exit._atomic import atomic_write_text
     from ltt_exit.certify import certify_pareto
     from ltt_exit.pareto_pipeline import parse_risks
     from ltt_exit.report import pareto_markdown, pareto_split_trials, plot_pareto_plane
@@ -82,10 +81,17 @@ def _pareto_report(args) -> int:
               f"split {args.split:.0%}/{1 - args.split:.0%} into optimisation/testing parts.\n\n")
     args.out.mkdir(parents=True, exist_ok=True)
     plots = [] if args.no_plots else [plot_pareto_plane(table, whole, args.out, cost=args.cost)]
+    return _write_report(args.out, header, md, plots)
+
+
+def _write_report(out: Path, header: str, md: str, plots: list) -> int:
+    """report.md in ``out``: the header, the markdown table and the plots; the table is printed too."""
+    from ltt_exit._atomic import atomic_write_text
+
     body = header + md + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
-    atomic_write_text(args.out / "report.md", body)
+    atomic_write_text(out / "report.md", body)
     print(md)
-    print(f"wrote {args.out / 'report.md'}" + (f" and {len(plots)} plots" if plots else ""))
+    print(f"wrote {out / 'report.md'}" + (f" and {len(plots)} plots" if plots else ""))
     return 0
 
 
@@ -95,7 +101,6 @@ def _main(argv) -> int:
 
     if is_space_table(args.table):
         return _pareto_report(args)
-    from ltt_exit._atomic import atomic_write_text
     from ltt_exit.loss_table import LossTable
     from ltt_exit.report import markdown_table, plot_report, split_trials
 
@@ -122,11 +127,7 @@ def _main(argv) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     plots = [] if args.no_plots else plot_report(table, summaries, args.out, epsilon=args.epsilon,
                                                  pvalue=args.pvalue)
-    body = header + md + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
-    atomic_write_text(args.out / "report.md", body)
-    print(md)
-    print(f"wrote {args.out / 'report.md'}" + (f" and {len(plots)} plots" if plots else ""))
-    return 0
+    return _write_report(args.out, header, md, plots)
 
 
 def main(argv=None) -> int:
