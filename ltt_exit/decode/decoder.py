@@ -16,6 +16,7 @@ import torch
 
 from . import exit_rule
 from .backends import PromptBatch, backend_for
+from .backends.slotted_cache import fill_holes
 from .exit_rule import EXIT_RULE, STATE_PROPAGATION, THRESHOLD_SCHEDULE, RowRecord
 from .grid import decode_grid
 from .outputs import DecodedSequence
@@ -213,8 +214,10 @@ class EarlyExitDecoder:
         state = backend.start(prompt)
 
         def keep_unfinished() -> torch.Tensor | None:
-            """Drop the rows that just finished. Returns the kept positions (None: all)."""
-            keep = [position for position, row in enumerate(rows) if not records[row].is_finished(eos, max_new_tokens)]
+            """Drop the rows that just finished, each hole filled by the batch's last row (rows stay in their
+            cache slots). Returns the kept positions (None: all)."""
+            keep = fill_holes([None if records[row].is_finished(eos, max_new_tokens) else position
+                               for position, row in enumerate(rows)])
             if len(keep) == len(rows):
                 return None
             rows[:] = [rows[p] for p in keep]

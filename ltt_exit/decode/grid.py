@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import PromptBatch
+from .backends.slotted_cache import fill_holes
 from . import exit_rule
 from .exit_rule import ExitSettings, RowRecord, finish_sequence, record_prefill_tokens
 from .outputs import DecodedSequence
@@ -166,6 +167,16 @@ class _Group:
     token: int = -1
 
 
+@dataclass
+class _Row:
+    """A row of the next step's batch: its group, the row of this step it continues (its cache source) and,
+    for a subgroup that exited below its representative, that exit layer (its copied K/V are overwritten)."""
+
+    group: _Group
+    source: int
+    overwrite: int | None
+
+
 def check_grid(lambdas: Sequence[float]) -> list[float]:
     """The candidate thresholds as floats (>= 0, not NaN, at least one)."""
     if isinstance(lambdas, (str, bytes)):
@@ -247,10 +258,12 @@ def decode_grid(
         values = torch.stack((tokens, exit_layers, head_rows)).tolist()
         member_confidences = confidences.tolist()
 
-        # record every member; split each group by exit layer
-        new_rows: list[_Group] = []
-        sources: list[int] = []
-        overwrites: list[tuple[int, int, int]] = []  # (new row, exit layer, source row)
+        # record every member; split each group by exit layer. The subgroup that keeps the representative's
+        # state stays in its row's slot; the other subgroups are new rows (copies), appended; finished
+        # subgroups leave holes, filled from the end of the batch. So the cache copies only the rows that
+        # are new or move (``backends.slotted_cache``), not the whole batch.
+        kept: list[_Row | None] = [None] * len(rows)
+        split: list[_Row] = []
         position = 0
         for r, group in enumerate(rows):
             by_exit: dict[int, _Group] = {}
@@ -265,10 +278,15 @@ def decode_grid(
             for layer, subgroup in by_exit.items():
                 if finished(subgroup):
                     continue
-                if layer != top:
-                    overwrites.append((len(new_rows), layer, r))
-                new_rows.append(subgroup)
-                sources.append(r)
+                if layer == top:
+                    kept[r] = _Row(subgroup, r, None)
+                else:
+                    split.append(_Row(subgroup, r, layer))
+        placed = fill_holes([*kept, *split])
+        new_rows = [row.group for row in placed]
+        sources = [row.source for row in placed]
+        overwrites = [(index, row.overwrite, row.source) for index, row in enumerate(placed)
+                      if row.overwrite is not None]  # (new row, exit layer, source row)
         stats.rows_split += len(overwrites)
         if not new_rows:
             break

@@ -1,7 +1,8 @@
 """Early-exit backend for decoder-only Llama-family models (Llama / SmolLM2, Qwen2, Mistral).
 
 Wraps the library's own modules: the base model for the prompt prefill, each ``*DecoderLayer``, the
-rotary embedding module, the final RMSNorm and ``lm_head``, the masking helpers and ``DynamicCache``.
+rotary embedding module, the final RMSNorm and ``lm_head``, the masking helpers and ``DynamicCache`` (with
+slotted layers, ``slotted_cache``: appends in place, row selections copy only the rows that move).
 The first new token is predicted by the prefill (full model); every later token may exit early.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .base import ExitBackend, HeadWeights, PromptBatch
+from .slotted_cache import select_cache_rows, slotted_cache
 
 __all__ = ["DecoderOnlyBackend", "SUPPORTED_CAUSAL_LMS"]
 
@@ -26,31 +28,17 @@ _PRE_NORM_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLay
 
 @dataclass
 class DecoderOnlyState:
-    """cache: the library's DynamicCache; attention_mask (B, seen) 2-D padding mask; positions (B,)
-    rotary position of the last fed token; the remaining fields are per-step."""
+    """cache: the library's DynamicCache (slotted layers); attention_mask (B, seen) 2-D padding mask; positions
+    (B,) rotary position of the last fed token; prompt_logits (B, V) the prefill's last-position logits, read
+    for the first token and dropped at the first decoding step; the remaining fields are per-step."""
 
     cache: DynamicCache
     attention_mask: torch.Tensor
     positions: torch.Tensor
-    prompt_logits: torch.Tensor
+    prompt_logits: torch.Tensor | None
     position_ids: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     masks: dict[str, Any] = field(default_factory=dict)
-
-
-class _RowsOfCacheLayer:
-    """Some rows of one cache layer whose current position is already appended, seen as a cache by the
-    library's attention: ``update`` writes those rows' K/V at the last position and returns their
-    whole K/V (R, kv_heads, T, hd)."""
-
-    def __init__(self, layer: Any, rows: torch.Tensor):
-        self.layer, self.rows = layer, rows
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        layer, rows = self.layer, self.rows
-        layer.keys[rows, :, -1:] = key_states.to(layer.keys.dtype)
-        layer.values[rows, :, -1:] = value_states.to(layer.values.dtype)
-        return layer.keys[rows], layer.values[rows]
 
 
 class DecoderOnlyBackend(ExitBackend):
@@ -100,7 +88,7 @@ class DecoderOnlyBackend(ExitBackend):
         mask = prompt.attention_mask
         # the positions generate() derives from the padding mask
         position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = DynamicCache(config=self.config)
+        cache = slotted_cache(self.config)
         output = self.base(
             input_ids=prompt.input_ids,
             attention_mask=mask,
@@ -112,12 +100,15 @@ class DecoderOnlyBackend(ExitBackend):
         return DecoderOnlyState(cache, mask, position_ids[:, -1].clone(), prompt_logits)
 
     def prompt_logits(self, state: DecoderOnlyState) -> torch.Tensor:
+        if state.prompt_logits is None:
+            raise RuntimeError("the prompt logits are dropped at the first decoding step: read them before it")
         return state.prompt_logits
 
     def first_inputs(self, state: DecoderOnlyState) -> torch.Tensor:
         return state.prompt_logits.argmax(dim=-1)
 
     def begin_step(self, state: DecoderOnlyState, tokens: torch.Tensor) -> torch.Tensor:
+        state.prompt_logits = None  # read for the first token only; not carried through row selections
         hidden = self.base.embed_tokens(tokens[:, None])
         ones = torch.ones_like(state.attention_mask[:, :1])
         state.attention_mask = torch.cat([state.attention_mask, ones], dim=-1)
@@ -148,39 +139,14 @@ class DecoderOnlyBackend(ExitBackend):
         )
         if rows is None or not self._split_layers:
             return layer(hidden, **arguments)
-        if self.layer_types[index] == "sliding_attention":
-            # a sliding-window cache layer crops what it stores, so the rows' K/V cannot be read back
-            # after the update: attention runs on every row, the MLP only on the rows that need it
-            attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **arguments)
-            output = hidden + attended
-            running = output[rows]
-            return output.index_copy(0, rows, running + layer.mlp(layer.post_attention_layernorm(running)))
         # The layer's own sub-modules in its order (pre-norm attention, then pre-norm MLP, each with its
-        # residual) for the rows whose output is needed. Every other row (an exited row propagating its
-        # copied state) only needs this position's K/V in the cache: its K/V projections are written
-        # first, then the library's attention runs on the needed rows through a view of the cache that
-        # fills in their own K/V and returns their rows. Outputs of the other rows are their inputs.
-        batch = hidden.shape[0]
-        cos, sin = state.position_embeddings
-        others = torch.ones(batch, dtype=torch.bool, device=hidden.device).index_fill(0, rows, False)
-        others = others.nonzero()[:, 0]
-        shape = (batch, self.config.num_key_value_heads, 1, self.head_dim)
-        keys, values = hidden.new_zeros(shape), hidden.new_zeros(shape)
-        if others.numel():
-            other_keys, other_values = self._kv_projections(index, hidden[others], cos[others], sin[others])
-            keys, values = keys.index_copy(0, others, other_keys), values.index_copy(0, others, other_values)
-        state.cache.update(keys, values, index)  # appends this position for every row
-        mask = arguments["attention_mask"]
-        running = hidden[rows]
-        attended, _ = layer.self_attn(
-            hidden_states=layer.input_layernorm(running),
-            attention_mask=None if mask is None else mask[rows],
-            position_embeddings=(cos[rows], sin[rows]),
-            position_ids=state.position_ids[rows],
-            cache=_RowsOfCacheLayer(state.cache.layers[index], rows),
-            use_cache=True,
-        )
-        running = running + attended
+        # residual). Attention runs on every row: an exited row (propagating its copied state) needs this
+        # position's K/V in the cache, which its attention call appends, and attending over its own cache
+        # is cheaper than gathering the needed rows' caches out of the batch; its output is discarded.
+        # The MLP, the bulk of the layer's arithmetic, runs only on the rows whose output is needed.
+        attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **arguments)
+        output = hidden + attended
+        running = output[rows]
         return hidden.index_copy(0, rows, running + layer.mlp(layer.post_attention_layernorm(running)))
 
     def _kv_projections(
@@ -221,10 +187,11 @@ class DecoderOnlyBackend(ExitBackend):
 
     def select_rows(self, state: DecoderOnlyState, keep: torch.Tensor) -> None:
         # the per-step fields (masks, position ids and embeddings) are rebuilt from these by begin_step
-        state.cache.batch_select_indices(keep)
+        select_cache_rows(state.cache, keep)
         state.attention_mask = state.attention_mask[keep]
         state.positions = state.positions[keep]
-        state.prompt_logits = state.prompt_logits[keep]
+        if state.prompt_logits is not None:
+            state.prompt_logits = state.prompt_logits[keep]
 
     # ---- cost model -------------------------------------------------------------------------------
     def layer_flops(self, context: int, source_length: int = 0) -> float:

@@ -2,7 +2,7 @@
 
 Wraps the library's own modules: the encoder stack (run once), the decoder's ``T5Block`` layers,
 its ``final_layer_norm`` and ``lm_head``, and the ``EncoderDecoderCache`` of two ``DynamicCache``
-objects. Nothing is copied from modeling_t5.py and nothing is written into the model config.
+objects (with slotted layers, ``slotted_cache``). Nothing is copied from modeling_t5.py and nothing is written into the model config.
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 from transformers import T5ForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from .base import ExitBackend, HeadWeights, PromptBatch
+from .slotted_cache import select_cache_rows, slotted_cache
 
 __all__ = ["T5Backend"]
 
@@ -80,7 +81,8 @@ class T5Backend(ExitBackend):
             input_ids=prompt.input_ids, attention_mask=prompt.attention_mask
         ).last_hidden_state
         batch, source_length, _ = encoder_hidden.shape
-        cache = EncoderDecoderCache(DynamicCache(config=self.decoder_config), DynamicCache(config=self.decoder_config))
+        # slotted layers: appends in place, row selections copy only the rows that move
+        cache = EncoderDecoderCache(slotted_cache(self.decoder_config), slotted_cache(self.decoder_config))
         # Cross-attention K/V of every layer from the first step on: a token exiting at ℓ must not leave a
         # higher layer without them. Computed with each layer's own projections, stored in the library cache.
         for index, block in enumerate(self.decoder.block):
@@ -183,7 +185,7 @@ class T5Backend(ExitBackend):
 
     def select_rows(self, state: T5State, keep: torch.Tensor) -> None:
         # self- and cross-attention caches; the self-attention mask and position biases are rebuilt every step
-        state.cache.batch_select_indices(keep)
+        select_cache_rows(state.cache, keep)
         state.encoder_hidden = state.encoder_hidden[keep]
         if isinstance(state.encoder_mask, torch.Tensor):
             state.encoder_mask = state.encoder_mask[keep]
