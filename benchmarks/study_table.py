@@ -127,6 +127,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 … (default: the model's)")
     p.add_argument("--batch-prompts", type=int, default=None,
                    help="prompts swept together (default on CUDA: 64, 32 for cnn-dailymail and xsum; 8 on the CPU)")
+    p.add_argument("--sweep-decoding", choices=("grid", "rows"), default="grid",
+                   help="grid: candidates that agree share a batch row (eager; least arithmetic, the CPU's choice); "
+                        "rows: K + 1 rows per prompt on the fast path (static buffers, CUDA graphs on CUDA). The "
+                        "same outputs either way: cached tables and finished configurations are reused across it")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fused exit decision of the timed fast path (CUDA; slow first call)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -154,6 +158,7 @@ def settings_from(args) -> core.StudySettings:
                               n_test=per_task(args.n_test), max_new_tokens=per_task(args.max_new_tokens),
                               n_time=args.n_time, grid=args.grid, deltas=args.deltas, cost=args.cost,
                               batch_prompts=args.batch_prompts, compile_decision=args.compile,
+                              sweep_decoding=args.sweep_decoding,
                               progress=not args.quiet)
 
 

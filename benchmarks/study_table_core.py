@@ -452,15 +452,18 @@ def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: i
             "fast_path": type(decoder).__name__, "cuda_graphs": bool(getattr(decoder, "_graphs_on", lambda: False)())}
 
 
-def fast_decoder(model, tokenizer, config: Configuration | None, adapters, compile_decision: bool):
-    """The fast path (``FastEarlyExitDecoder``) for timing: CUDA graphs on CUDA; ``config`` None: the full
-    model's setting (λ = 1 consults no exit head, so any configuration times the same)."""
+def fast_decoder(model, tokenizer, config: Configuration | None, adapters, compile_decision: bool, *,
+                 max_sessions: int = 8, length_bucket: int = 64):
+    """The fast path (``FastEarlyExitDecoder``): CUDA graphs on CUDA; ``config`` None: the full model's
+    setting (λ = 1 consults no exit head, so any configuration times the same). The timing keeps a session
+    (buffers and graphs) per batch-1 length bucket; the rows sweep keeps few large ones."""
     from ltt_exit.decode import FastEarlyExitDecoder
 
     kwargs = config.decoder_kwargs() if config is not None else {}
     cuda = next(model.parameters()).is_cuda
     return FastEarlyExitDecoder(model, tokenizer, exit_adapters=adapters if config is not None else None,
-                                compile=bool(compile_decision and cuda), max_sessions=8, **kwargs)
+                                compile=bool(compile_decision and cuda), max_sessions=max_sessions,
+                                length_bucket=length_bucket, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------- the runner
@@ -480,6 +483,7 @@ class StudySettings:
     cost: str = "layers"
     batch_prompts: int | None = None
     compile_decision: bool = False
+    sweep_decoding: str = "grid"  # SweepSpec.decoding; "rows" sweeps on the fast path
     progress: bool = True
     seed: int = 0
 
@@ -569,6 +573,9 @@ def _identity(settings: StudySettings, task: Task) -> dict:
 #: prompts swept together on the CPU (ltt-calibrate's default there); on CUDA each task's ``cuda_batch``: a
 #: 135M-parameter model is bound by per-step latency there, so wide batches cost little more per step
 CPU_BATCH = 8
+#: prompts per batch of the rows sweep on CUDA: 16 × 21 = 336 rows, a static K/V buffer of about 9 GB
+#: (SmolLM2, bfloat16) at the longest task's 1,152 positions
+ROWS_CUDA_BATCH = 16
 
 
 def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dict, config: Configuration,
@@ -578,11 +585,20 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
     from ltt_exit.sweep.run import SweepSpec
 
     n_cal, n_test, tokens = settings.sizes(task)
-    decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, exit_adapters=adapters, **config.decoder_kwargs())
-    batch = settings.batch_prompts or (task.cuda_batch if decoder.backend.device.type == "cuda" else CPU_BATCH)
+    if settings.sweep_decoding == "rows":
+        # K + 1 rows per prompt: static buffers (CUDA graphs on CUDA), sized per batch × length bucket; the
+        # sweep takes prompts in length order, so each bucket's session is built once
+        decoder = fast_decoder(loaded.model, loaded.tokenizer, config, adapters, settings.compile_decision,
+                               max_sessions=2, length_bucket=128)
+    else:
+        decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, exit_adapters=adapters,
+                                   **config.decoder_kwargs())
+    batch = settings.batch_prompts or (
+        (task.cuda_batch if settings.sweep_decoding == "grid" else ROWS_CUDA_BATCH)
+        if decoder.backend.device.type == "cuda" else CPU_BATCH)
     # loss "risk" makes the sweep record both loss columns (textual is always recorded)
     sweep = SweepSpec(lambdas=settings.grid, max_new_tokens=tokens, metric=splits["cal"].metric, loss="risk",
-                      prompts_per_batch=batch)
+                      prompts_per_batch=batch, decoding=settings.sweep_decoding)
     metadata = {"model": {"label": spec.label, "source": spec.source, "adapters": spec.adapters},
                 "task": task.name, "configuration": config.slug}
     tables = {}
@@ -626,7 +642,8 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
         "configuration": {"scorer": config.scorer, "reduction": config.reduction.label,
                           "reduction_kind": config.reduction.kind, "pruning": config.reduction.pruning_spec(),
                           "min_exit_layer": config.min_exit_layer, "tau": config.tau, "decoder": decoder.config_dict()},
-        "sweep": {"batch_prompts": batch, "seconds_this_call": sweep_seconds, "device": str(decoder.backend.device),
+        "sweep": {"batch_prompts": batch, "decoding": settings.sweep_decoding, "seconds_this_call": sweep_seconds,
+                  "device": str(decoder.backend.device),
                   "grid": list(settings.grid), "pvalue": PVALUE, "procedure": PROCEDURE,
                   "chosen_by_least": settings.cost},
         "n_time": len(time_prompts),

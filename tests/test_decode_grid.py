@@ -5,6 +5,7 @@ agree; K/V overwrite and row duplication of both backends. Random-weight models,
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,6 +169,38 @@ def test_text_prompts_and_the_sweep_use_the_grid():
         for got, want in zip((full[i], *early[i]), expected):
             assert (got.text, got.token_ids, got.exit_layers, got.cost) == (want.text, want.token_ids,
                                                                             want.exit_layers, want.cost)
+
+
+def test_the_rows_sweep_on_the_fast_path_equals_the_grid_sweep(tmp_path):
+    """SweepSpec.decoding "rows" (K + 1 rows per prompt through FastEarlyExitDecoder.generate) writes the
+    same loss table, under the same key, as the shared grid decode."""
+    from types import SimpleNamespace
+
+    from ltt_exit.decode import FastEarlyExitDecoder
+    from ltt_exit.sweep.run import SweepSpec, run_sweep
+
+    tokenizer = tiny_word_tokenizer(96, eos_id=1, add_eos=True)
+    examples = [SimpleNamespace(id=str(i), prompt=prompt, reference="w5 w9")
+                for i, prompt in enumerate(["w5 w9 w17 w30", "w44 w2 w3", "w60 w61 w62 w63 w64 w65"])]
+    calibration_set = SimpleNamespace(examples=examples, fingerprint="sha256:test")
+    tables = {}
+    for decoding in ("grid", "rows"):
+        decoder = FastEarlyExitDecoder(model("llama-gqa-4L"), tokenizer, pruning=PRUNING_SPECS["decaying"],
+                                       min_exit_layer=2)
+        spec = SweepSpec(lambdas=(1.0, 0.9, 0.7, 0.5, 0.3), max_new_tokens=6, prompts_per_batch=2,
+                         decoding=decoding)
+        decoder.last_grid_stats = None
+        tables[decoding] = run_sweep(decoder, calibration_set, spec, out_path=tmp_path / f"{decoding}.parquet",
+                                     model_fingerprint="sha256:m", progress=False).table
+        assert (decoder.last_grid_stats is not None) == (decoding == "grid")
+    grid, rows = tables["grid"], tables["rows"]
+    assert grid.metadata["sweep_config_key"] == rows.metadata["sweep_config_key"]
+    assert np.array_equal(grid.losses, rows.losses)
+    for column in ("mean_layers", "flops", "text", "exit_layers"):
+        assert np.array_equal(grid.candidate_columns[column], rows.candidate_columns[column]), column
+    assert np.array_equal(grid.example_columns["full_text"], rows.example_columns["full_text"])
+    with pytest.raises(ValueError, match="decoding must be one of"):
+        SweepSpec(decoding="naive")
 
 
 @pytest.mark.parametrize("lambdas, error", [

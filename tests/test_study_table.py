@@ -117,6 +117,16 @@ def test_a_certified_early_exit_is_timed_and_looked_up(tmp_path):
         assert r["timing_same_text"] == 1.0
 
 
+def test_the_rows_sweep_on_the_fast_path_gives_the_grid_sweeps_rows(uninterrupted, tmp_path):
+    folder, task, out, status = uninterrupted
+    rows_out = tmp_path / "out"
+    assert study_table.main(_argv(rows_out, tmp_path, "--sweep-decoding", "rows"), loader=_loader,
+                            tasks={"tiny": task}) == status
+    assert _rows(rows_out) == _rows(out)
+    result = json.loads(next((rows_out / "configs").glob("*.json")).read_text())
+    assert result["sweep"]["decoding"] == "rows"
+
+
 def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
     folder, task, out, status = uninterrupted
     assert status == 0

@@ -34,6 +34,7 @@ DEFAULT_GRID: tuple[float, ...] = (
 )
 
 LOSS_KINDS = ("textual", "risk")
+SWEEP_DECODINGS = ("grid", "rows")
 
 #: version of the decoder's cost model (``ltt_exit.decode.outputs.CostAccount``) behind a table's cost
 #: columns; 2: ``flops`` includes the exit adapters. Tables record it and their cache key changes with it.
@@ -49,6 +50,11 @@ class SweepSpec:
     metric : per-example similarity name from :mod:`ltt_exit.metrics`.
     loss : "textual" (1 − m(Y_early, Y_full)) or "risk" (excess loss against the reference).
     prompts_per_batch : prompts decoded together (each brings K + 1 rows).
+    decoding : how the candidates are decoded (the same outputs either way, so not part of the table's key):
+        "grid": ``decoder.generate_grid``, candidates that agree share a batch row (eager; the least
+        arithmetic: the CPU's choice); "rows": one batch row per candidate through ``decoder.generate``
+        (K + 1 rows per prompt, no sharing): with a ``FastEarlyExitDecoder`` on CUDA that is static buffers
+        and CUDA graphs, where a step costs launches rather than arithmetic.
     """
 
     lambdas: tuple[float, ...] = DEFAULT_GRID
@@ -56,6 +62,7 @@ class SweepSpec:
     metric: str = "rouge-l"
     loss: str = "textual"
     prompts_per_batch: int = 1
+    decoding: str = "grid"
 
     def __post_init__(self):
         lambdas = tuple(float(x) for x in self.lambdas)
@@ -75,6 +82,8 @@ class SweepSpec:
             raise ValueError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
         if self.prompts_per_batch < 1:
             raise ValueError(f"prompts_per_batch must be ≥ 1, got {self.prompts_per_batch}")
+        if self.decoding not in SWEEP_DECODINGS:
+            raise ValueError(f"decoding must be one of {SWEEP_DECODINGS}, got {self.decoding!r}")
 
 
 def _canonical(obj: Any) -> str:
@@ -101,13 +110,15 @@ def _mean_layers(exit_layers: Sequence[int]) -> float:
     return float(np.mean(exit_layers)) if len(exit_layers) else float("nan")
 
 
-def _decode_candidates(decoder, prompts: list[str], lambdas: Sequence[float], max_new_tokens: int):
-    """Full-model output and one output per candidate for each prompt.
+def _decode_candidates(decoder, prompts: list[str], lambdas: Sequence[float], max_new_tokens: int,
+                       decoding: str = "grid"):
+    """Full-model output and one output per candidate for each prompt (``SweepSpec.decoding``; a decoder
+    without ``generate_grid`` always decodes rows).
 
     Returns ``(full, early)``: ``full[i]`` is prompt i's full-model DecodedSequence and
     ``early[i][j]`` its output at ``lambdas[j]``.
     """
-    if hasattr(decoder, "generate_grid"):
+    if decoding == "grid" and hasattr(decoder, "generate_grid"):
         return decoder.generate_grid(prompts, lambdas=list(lambdas), max_new_tokens=max_new_tokens)
     rows_per_prompt = len(lambdas) + 1
     batch_prompts = [p for p in prompts for _ in range(rows_per_prompt)]
@@ -193,6 +204,10 @@ def decode_examples(decoder, examples: list, spec: SweepSpec, partial: PartialSw
     from tqdm.auto import tqdm
 
     todo = [ex for ex in examples if str(ex.id) not in partial]
+    if spec.decoding == "rows":
+        # prompts of similar length batched together: less padding, and the fast path's static shapes (one
+        # buffer and graph capture per length bucket) change a few times rather than at every batch
+        todo.sort(key=lambda ex: len(ex.prompt))
     bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc=desc, unit="prompt",
                disable=not progress, dynamic_ncols=True)
     decoded = 0
@@ -200,7 +215,7 @@ def decode_examples(decoder, examples: list, spec: SweepSpec, partial: PartialSw
         for first in range(0, len(todo), spec.prompts_per_batch):
             group = todo[first:first + spec.prompts_per_batch]
             full, early = _decode_candidates(decoder, [ex.prompt for ex in group], spec.lambdas,
-                                             spec.max_new_tokens)
+                                             spec.max_new_tokens, spec.decoding)
             for ex, full_i, early_i in zip(group, full, early):
                 partial.append(str(ex.id), _example_record(spec.metric, full_i, early_i, ex.reference))
                 decoded += 1
