@@ -91,9 +91,9 @@ class EarlyExitDecoder:
         #: once every row of a batch has exited, compute only the K/V projections of the remaining layers
         #: (False: run the full layers and discard their outputs; same results, used by the tests)
         self.kv_only_when_all_exited = True
-        #: while some rows of a batch have exited and others not, the layers' outputs are computed only for
-        #: the undecided rows; exited rows get their K/V (decoder-only: only the K/V projections; T5: the
-        #: attention block) (False: full layers for every row; same results up to float rounding, used by
+        #: while some rows of a batch have exited and others not, the feed-forward blocks run only for the
+        #: undecided rows; every row runs the attention blocks, which append the exited rows' K/V of their
+        #: copied state (False: full layers for every row; same results up to float rounding, used by
         #: the tests)
         self.frozen_rows_skip_feed_forward = True
         #: what the last ``generate_grid`` call shared (``ltt_exit.decode.grid.GridStats``); None before one
