@@ -1,14 +1,17 @@
-"""Wall clock of the sweep's grid decode (``EarlyExitDecoder.generate_grid``) on real prompts.
+"""Wall clock of the sweep's decoding of every candidate on real prompts: the shared grid
+(``EarlyExitDecoder.generate_grid``) or the rows sweep (K + 1 rows per prompt on ``FastEarlyExitDecoder``,
+CUDA graphs on CUDA; ``SweepSpec.decoding``).
 
-Times one ``generate_grid`` call over the first ``--prompts`` SAMSum prompts (seed 0) with the default grid of
-20 candidates, margin scorer and the given pruning (j = 15), and reports prompt-steps per second (one prompt,
-all candidates, one token position). ``--code`` decodes with another checkout's ``ltt_exit`` (a before/after
-comparison of the same prompts); ``--json`` writes the outputs' tokens and exit layers so two runs can be
-checked for identical results (``--compare``).
+Decodes the first ``--prompts`` SAMSum prompts (seed 0) with the default grid of 20 candidates, margin scorer
+and the given pruning (j = 15), and reports prompt-steps per second (one prompt, all candidates, one token
+position). ``--code`` decodes with another checkout's ``ltt_exit`` (a before/after comparison of the same
+prompts); ``--json`` writes the outputs' tokens and exit layers so two runs can be compared (``--compare``:
+the share of identical sequences; exit status 1 unless all are).
 
     python benchmarks/bench_grid_decode.py --prompts 16 --max-new-tokens 24
     python benchmarks/bench_grid_decode.py --prompts 16 --max-new-tokens 24 --code /tmp/old-checkout --json old.json
     python benchmarks/bench_grid_decode.py --prompts 16 --max-new-tokens 24 --json new.json --compare old.json
+    python benchmarks/bench_grid_decode.py --prompts 64 --decoding rows --batch 16 --dtype bfloat16 --compare grid.json
 """
 from __future__ import annotations
 
@@ -31,6 +34,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--pruning", choices=sorted(PRUNINGS), default="decaying")
+    parser.add_argument("--decoding", choices=("grid", "rows"), default="grid",
+                        help="grid: one generate_grid call over all prompts; rows: K + 1 rows per prompt on the fast "
+                             "path, --batch prompts at a time in length order")
+    parser.add_argument("--batch", type=int, default=16, help="prompts per batch of the rows decoding (default 16)")
     parser.add_argument("--device", default=None, help="default: CUDA when present")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -44,7 +51,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ltt_exit.decode import EarlyExitDecoder
+    from ltt_exit.decode import EarlyExitDecoder, FastEarlyExitDecoder
     from ltt_exit.models import load_model
     from ltt_exit.recipes import load_recipe
     from ltt_exit.sweep.run import DEFAULT_GRID
@@ -56,36 +63,74 @@ def main(argv=None) -> int:
     calibration_set = load_recipe(RECIPE).load(size=args.prompts, seed=0, data_files=[str(args.data)],
                                                family=loaded.family, tokenizer=loaded.tokenizer)
     prompts = [example.prompt for example in calibration_set.examples]
-    decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, scorer="softmax-margin",
-                               pruning=PRUNINGS[args.pruning], min_exit_layer=15)
-    if device.startswith("cuda"):  # one small untimed call: kernels and the allocator warmed
-        decoder.generate_grid(prompts[:2], lambdas=list(DEFAULT_GRID), max_new_tokens=4)
+    settings = dict(scorer="softmax-margin", pruning=PRUNINGS[args.pruning], min_exit_layer=15)
+    lambdas = list(DEFAULT_GRID)
+    if args.decoding == "grid":
+        decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, **settings)
+
+        def decode(batch_prompts):
+            return decoder.generate_grid(batch_prompts, lambdas=lambdas, max_new_tokens=args.max_new_tokens)
+    else:
+        decoder = FastEarlyExitDecoder(loaded.model, loaded.tokenizer, max_sessions=2, length_bucket=128, **settings)
+        rows = len(lambdas) + 1
+
+        def decode(batch_prompts):
+            outputs = decoder.generate([p for p in batch_prompts for _ in range(rows)],
+                                       threshold=[t for _ in batch_prompts for t in (float("inf"), *lambdas)],
+                                       max_new_tokens=args.max_new_tokens)
+            return ([outputs[i * rows] for i in range(len(batch_prompts))],
+                    [outputs[i * rows + 1:(i + 1) * rows] for i in range(len(batch_prompts))])
+
+    def sweep():
+        if args.decoding == "grid":
+            return decode(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # as SweepSpec(decoding="rows")
+        full, early = [None] * len(prompts), [None] * len(prompts)
+        for first in range(0, len(order), args.batch):
+            chunk = order[first:first + args.batch]
+            batch_full, batch_early = decode([prompts[i] for i in chunk])
+            for i, f, e in zip(chunk, batch_full, batch_early):
+                full[i], early[i] = f, e
+        return full, early
+
+    if device.startswith("cuda"):  # untimed: kernels, the allocator and (rows) the graphs of every length bucket
+        if args.decoding == "rows":
+            sweep()
+        else:
+            decode(prompts[:2])
         torch.cuda.synchronize()
     start = time.perf_counter()
-    full, early = decoder.generate_grid(prompts, lambdas=list(DEFAULT_GRID), max_new_tokens=args.max_new_tokens)
+    full, early = sweep()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    stats = decoder.last_grid_stats
+    stats = getattr(decoder, "last_grid_stats", None) if args.decoding == "grid" else None
     prompt_steps = sum(len(sequence.token_ids) for sequence in full)
     result = {
         "code": str(args.code or REPO), "device": device, "dtype": str(loaded.model.dtype), "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens, "pruning": args.pruning, "candidates": len(DEFAULT_GRID),
+        "decoding": args.decoding, "batch": args.batch if args.decoding == "rows" else len(prompts),
         "seconds": round(seconds, 3), "prompt_steps": prompt_steps,
-        "prompt_steps_per_second": round(prompt_steps / seconds, 3), "rows_decoded": stats.rows_decoded,
-        "sharing": round(stats.sharing, 3),
+        "prompt_steps_per_second": round(prompt_steps / seconds, 3),
+        "rows_decoded": stats.rows_decoded if stats else None, "sharing": round(stats.sharing, 3) if stats else None,
         "outputs": [[sequence.token_ids, sequence.exit_layers] for row in early for sequence in row]
                    + [[sequence.token_ids, sequence.exit_layers] for sequence in full],
     }
-    print(f"{len(prompts)} prompts x {len(DEFAULT_GRID)} candidates x {args.max_new_tokens} tokens ({args.pruning}, "
-          f"{device}, {result['dtype']}): {seconds:.1f} s, {result['prompt_steps_per_second']:.2f} prompt-steps/s, "
-          f"{stats.rows_decoded} rows decoded, sharing {stats.sharing:.2f}")
+    shared = f", {stats.rows_decoded} rows decoded, sharing {stats.sharing:.2f}" if stats else ""
+    print(f"{len(prompts)} prompts x {len(DEFAULT_GRID)} candidates x {args.max_new_tokens} tokens ({args.decoding}, "
+          f"{args.pruning}, {device}, {result['dtype']}): {seconds:.1f} s, "
+          f"{result['prompt_steps_per_second']:.2f} prompt-steps/s{shared}")
     status = 0
     if args.compare is not None:
         other = json.loads(args.compare.read_text())
-        same = other["outputs"] == result["outputs"]
-        print(f"outputs identical to {args.compare}: {same}; speed-up {other['seconds'] / seconds:.2f}x")
-        status = 0 if same else 1
+        if len(other["outputs"]) != len(result["outputs"]):
+            parser.error(f"--compare: {args.compare} holds {len(other['outputs'])} sequences, this run "
+                         f"{len(result['outputs'])} (other prompts or grid)")
+        same = sum(a == b for a, b in zip(other["outputs"], result["outputs"]))
+        result["identical_to_compare"] = same / len(result["outputs"])
+        print(f"sequences identical to {args.compare}: {same} of {len(result['outputs'])}; "
+              f"speed-up {other['seconds'] / seconds:.2f}x")
+        status = 0 if same == len(result["outputs"]) else 1
     if args.json is not None:
         args.json.write_text(json.dumps(result))
     return status
