@@ -80,8 +80,9 @@ def markdown_table(rows: list[dict]) -> list[str]:
         metric_names = " / ".join(PRIMARY_METRIC_LABEL.get(m, m) for m in first["metrics"])
         settings = sorted({(r["n_cal"], r["n_test"], r["max_new_tokens"], r.get("sweep", "?"), r["n_time"],
                             r["timing_device"] or "–") for r in block})
-        described = "; ".join(f"n_cal = {a}, n_test = {b}, max new tokens = {c}, swept on {s}, batch-1 timing on the "
-                              f"first {d} test prompts ({e})" for a, b, c, s, d, e in settings)
+        described = "; ".join(f"n_cal = {a}, n_test = {b}, max new tokens = {c}, swept on {s}, "
+                              + (f"batch-1 timing on the first {d} test prompts ({e})" if d else "not timed")
+                              for a, b, c, s, d, e in settings)
         if len(settings) > 1:  # results of calls with other sizes share the folder: say so instead of hiding it
             described = "rows computed with different settings: " + described
         lines += [f"#### {task}", "", f"{described}; task metric {metric_names} × 100 on the test split.", "",

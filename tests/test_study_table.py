@@ -166,6 +166,15 @@ def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
     assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | risk | 0.2 | 1 (none) |" in rebuilt
 
 
+def test_task_block_says_how_its_rows_were_swept_and_timed(uninterrupted):
+    folder, task, out, status = uninterrupted
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    text = "\n".join(report.markdown_table(rows))
+    assert "swept on cpu" in text and "batch-1 timing on the first 2 test prompts (cpu)" in text
+    untimed = "\n".join(report.markdown_table([dict(r, n_time=0, timing_device=None) for r in rows]))
+    assert "not timed" in untimed and "timing on the first" not in untimed
+
+
 def test_interrupted_run_resumes_to_the_same_rows(uninterrupted, tmp_path):
     folder, task, reference_out, _ = uninterrupted
     out = tmp_path / "out"
