@@ -178,7 +178,8 @@ def _answer_contrastive(rows):
                 losses += 1
             else:
                 ties += 1
-            lines.append(f"{key[1]} / {key[2]} / {key[3]} δ={key[4]:g}: {name} {other:.3f} vs margin {margin:.3f}")
+            lines.append(f"{key[0]} / {key[1]} / {key[2]} / {key[3]} δ={key[4]:g}: {name} {other:.3f} vs margin "
+                         f"{margin:.3f}")
     if not lines:
         return out + ["<!-- FILL: no contrastive and margin rows of the same setting in this run -->", ""]
     out.append(f"Compared at the certified λ̂ (FLOPs ratio on the test split, lower is better; same model, task, "
