@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from ltt_exit.decode import EarlyExitDecoder, FastEarlyExitDecoder
     from ltt_exit.models import load_model
     from ltt_exit.recipes import load_recipe
-    from ltt_exit.sweep.run import DEFAULT_GRID
+    from ltt_exit.sweep.run import DEFAULT_GRID, _decode_candidates
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,19 +67,11 @@ def main(argv=None) -> int:
     lambdas = list(DEFAULT_GRID)
     if args.decoding == "grid":
         decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, **settings)
-
-        def decode(batch_prompts):
-            return decoder.generate_grid(batch_prompts, lambdas=lambdas, max_new_tokens=args.max_new_tokens)
-    else:
+    else:  # the study table's rows-sweep decoder (benchmarks/study_table_core.py)
         decoder = FastEarlyExitDecoder(loaded.model, loaded.tokenizer, max_sessions=2, length_bucket=128, **settings)
-        rows = len(lambdas) + 1
 
-        def decode(batch_prompts):
-            outputs = decoder.generate([p for p in batch_prompts for _ in range(rows)],
-                                       threshold=[t for _ in batch_prompts for t in (float("inf"), *lambdas)],
-                                       max_new_tokens=args.max_new_tokens)
-            return ([outputs[i * rows] for i in range(len(batch_prompts))],
-                    [outputs[i * rows + 1:(i + 1) * rows] for i in range(len(batch_prompts))])
+    def decode(batch_prompts):  # the sweep's own decoding of every candidate
+        return _decode_candidates(decoder, batch_prompts, lambdas, args.max_new_tokens, args.decoding)
 
     def sweep():
         if args.decoding == "grid":

@@ -141,8 +141,9 @@ class DecoderOnlyBackend(ExitBackend):
             return layer(hidden, **arguments)
         # The layer's own sub-modules in its order (pre-norm attention, then pre-norm MLP, each with its
         # residual). Attention runs on every row: an exited row (propagating its copied state) needs this
-        # position's K/V in the cache, which its attention call appends, and attending over its own cache
-        # is cheaper than gathering the needed rows' caches out of the batch; its output is discarded.
+        # position's K/V in the cache, which its attention call appends; its output is discarded. (Running
+        # attention on the needed rows only would gather their caches out of the batch: no faster on the
+        # CPU, docs/decoder.md, and more code.)
         # The MLP, the bulk of the layer's arithmetic, runs only on the rows whose output is needed.
         attended, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **arguments)
         output = hidden + attended
