@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from ltt_exit.decode import EarlyExitDecoder, FastEarlyExitDecoder
     from ltt_exit.models import load_model
     from ltt_exit.recipes import load_recipe
-    from ltt_exit.sweep.run import DEFAULT_GRID, _decode_candidates
+    from ltt_exit.sweep.run import DEFAULT_GRID, decode_candidates
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         decoder = FastEarlyExitDecoder(loaded.model, loaded.tokenizer, max_sessions=2, length_bucket=128, **settings)
 
     def decode(batch_prompts):  # the sweep's own decoding of every candidate
-        return _decode_candidates(decoder, batch_prompts, lambdas, args.max_new_tokens, args.decoding)
+        return decode_candidates(decoder, batch_prompts, lambdas, args.max_new_tokens, args.decoding)
 
     def sweep():
         if args.decoding == "grid":

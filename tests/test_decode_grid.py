@@ -153,14 +153,14 @@ def test_duplicate_and_unordered_thresholds():
 
 
 def test_text_prompts_and_the_sweep_use_the_grid():
-    from ltt_exit.sweep.run import _decode_candidates
+    from ltt_exit.sweep.run import decode_candidates
 
     tokenizer = tiny_word_tokenizer(96, eos_id=1, add_eos=True)
     decoder = EarlyExitDecoder(model("t5-untied-gated-4L"), tokenizer, pruning=PRUNING_SPECS["fixed"],
                                min_exit_layer=2)
     prompts = ["w5 w9 w17 w30", "w44 w2 w3", "w60 w61 w62 w63 w64 w65"]
     lambdas = [1.0, 0.9, 0.7, 0.5, 0.3]
-    full, early = _decode_candidates(decoder, prompts, lambdas, 8)
+    full, early = decode_candidates(decoder, prompts, lambdas, 8)
     assert decoder.last_grid_stats is not None  # the sweep took the shared path
     naive = decoder.generate([p for p in prompts for _ in range(len(lambdas) + 1)],
                              threshold=[t for _ in prompts for t in (math.inf, *lambdas)], max_new_tokens=8)
