@@ -47,5 +47,20 @@ for stage in "smollm2-135m=$GGUF|softmax-margin|decaying" "smollm2-135m=$GGUF|so
   status=$?; tail -2 $OUT/study.log
   [ $status -eq 3 ] && break  # the time budget stopped it: the next call resumes this stage
 done
+# 4. the frozen backbone with affine exit adapters and an exit classifier fitted on IWSLT tst2016 (a split the
+#    table never reads; tst2017 is calibrated and tested): margin and exit-classifier rows on IWSLT
+ADAPTERS=/tmp/adapters/smollm2-135m.iwslt-tst2016.affine-clf.safetensors
+if [ "$(left)" -gt 150 ] && [ -f /tmp/study-data/iwslt2017_en-de_tst2016.jsonl ]; then
+  if [ ! -f $ADAPTERS ]; then
+    log "fit exit adapters + classifier (IWSLT tst2016)"; mkdir -p /tmp/adapters
+    python3 -m ltt_exit.cli.fit_exits --model $GGUF --recipe iwslt2017-en-de \
+      --data-files /tmp/study-data/iwslt2017_en-de_tst2016.jsonl --split tst2016 --size 200 --max-new-tokens 48 \
+      --layers 15-29 --kind affine --exit-classifier --classifier-size 100 --pruning decaying --min-exit-layer 15 \
+      --device cuda --dtype bfloat16 --quiet --out $ADAPTERS > $OUT/fit.log 2>&1; tail -1 $OUT/fit.log
+  fi
+  [ -f $ADAPTERS ] && python3 benchmarks/study_table.py --models smollm2-135m-affine=$GGUF \
+    --exit-adapters smollm2-135m-affine=$ADAPTERS --tasks iwslt2017-en-de --scorers softmax-margin \
+    --reductions decaying $TABLE --time-budget $(( $(left) - 40 )) >> $OUT/study.log 2>&1; tail -2 $OUT/study.log
+fi
 mkdir -p $OUT/study_out && cp -r /tmp/study_out/configs /tmp/study_out/timing /tmp/study_out/rows.json $OUT/study_out/ 2>/dev/null
 log "end"
