@@ -46,6 +46,8 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "samples_per_s_full": full_time["samples_per_s"] if full_time else None,
                 "n_time": r.get("n_time"), "metrics": r["task"]["metrics"],
                 "metric_early": cert.get("metric_early", {}), "metric_full": metric_full,
+                # the full model's mean metric on the calibration split: bounds the risk-consistency loss there
+                "cal_metric_full": r.get("cal", {}).get("metric_full", {}),
                 "n_cal": r["task"]["n_cal"], "n_test": r["task"]["n_test"],
                 "max_new_tokens": r["task"]["max_new_tokens"],
                 "timing_device": (full_time or {}).get("device"),
@@ -64,6 +66,22 @@ def _f(value, digits=2, missing="–") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return missing
     return f"{value:.{digits}f}"
+
+
+def delta_reaches_full_metric(row) -> bool:
+    """Whether a risk-consistency row's δ is at least the full model's mean task metric on the calibration
+    split. The loss max(0, m_full − m_early) never exceeds m_full, so its calibration mean cannot exceed that
+    metric: such a δ lets every λ through that the calibration noise allows, and the row bounds the quality
+    loss only by "at most what the full model had"."""
+    m = row["metrics"][0]
+    full = row.get("cal_metric_full", {}).get(m)
+    return row["loss"] == "risk" and full is not None and row["delta"] >= full
+
+
+VACUOUS_NOTE = ("† risk consistency with δ at or above the full model's mean {metric} on the calibration split "
+                "({values}): the loss max(0, m_full − m_early) cannot exceed m_full, so this δ excludes no λ beyond "
+                "what calibration noise does and bounds quality only by the full model's own score; choose δ as a "
+                "fraction of that score.")
 
 
 def _metric_cell(row, which: str) -> str:
@@ -93,11 +111,16 @@ def markdown_table(rows: list[dict]) -> list[str]:
             over = r["test_risk"] > r["delta"]
             lines.append(
                 f"| {r['model']} | {r['reduction']} (j={r['min_exit_layer']}) | {r['scorer']} | {r['loss']} | "
-                f"{r['delta']:g} | {r['lambda_hat']:g}{'' if r['certified_any'] else ' (none)'} | "
+                f"{r['delta']:g}{' †' if delta_reaches_full_metric(r) else ''} | {r['lambda_hat']:g}{'' if r['certified_any'] else ' (none)'} | "
                 f"{_f(r['mean_exit_layer'])} of {r['num_layers']} | {_f(r['flops_ratio'], 3)} | "
                 f"{_f(r['runtime_s'])} ({_f(r['samples_per_s'])}) | {_f(r['runtime_full_s'])} "
                 f"({_f(r['samples_per_s_full'])}) | {_metric_cell(r, 'early')} | {_metric_cell(r, 'full')} | "
                 f"{_f(r['test_risk'], 3)} {'**>**' if over else '≤'} {r['delta']:g} |")
+        vacuous = [r for r in block if delta_reaches_full_metric(r)]
+        if vacuous:
+            m = first["metrics"][0]
+            values = ", ".join(sorted({f"{r['model']} {r['cal_metric_full'][m]:.3f}" for r in vacuous}))
+            lines += ["", VACUOUS_NOTE.format(metric=PRIMARY_METRIC_LABEL.get(m, m), values=values)]
         lines.append("")
     return lines
 
@@ -151,6 +174,13 @@ def _answer_wall_clock(rows):
             f"{loss.capitalize()} consistency: {worst} ({r['task']}, {r['reduction']}, {r['scorer']}, "
             f"δ = {r['delta']:g}: {100 * r['metric_early'][m]:.1f} against {100 * r['metric_full'][m]:.1f}; {why}); "
             f"{len(collapsed)} of {len(drops)} rows keep less than half of the full model's metric.")
+    risk_rows = [r for r in rows if r["loss"] == "risk"]
+    vacuous = [r for r in risk_rows if delta_reaches_full_metric(r)]
+    if vacuous:
+        out.append(f"{len(vacuous)} of {len(risk_rows)} risk-consistency rows (marked †; "
+                   f"{', '.join(sorted({r['task'] for r in vacuous}))}) have δ at or above the full model's own mean "
+                   "metric on the calibration split: there the guarantee cannot rule out a collapse, because the "
+                   "loss is at most that metric; their metric drops say what the λ̂ does, not what δ prevents.")
     over = [r for r in rows if r["test_risk"] > r["delta"]]
     if rows:
         out.append(f"Test risk above δ in {len(over)} of {len(rows)} rows (each certification may fail with "

@@ -154,7 +154,8 @@ def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
     assert not set(cal.example_ids) & set(table.example_ids) and cal.n == 8 and table.n == 4
     doc = (folder / "bench.md").read_text()
     assert doc.count(report.BEGIN) == 1 and doc.count(report.END) == 1
-    assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | risk | 0.2 | 1 (none) |" in doc
+    assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | textual | 0.2 | 1 (none) |" in doc
+    assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | risk | 0.2" in doc
     assert "What the table answers" in doc and "FILL: the exit-ready model" in doc
     assert (folder / "plots" / "study_frontier_tiny.png").stat().st_size > 1000
     # --report-only rebuilds the section from the JSON alone and keeps the computing call's command
@@ -163,7 +164,7 @@ def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
                              "--docs-dir", str(folder / "plots")]) == 0
     rebuilt = (folder / "bench.md").read_text()
     assert "--batch-prompts 2" in rebuilt and "--report-only" not in rebuilt
-    assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | risk | 0.2 | 1 (none) |" in rebuilt
+    assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | textual | 0.2 | 1 (none) |" in rebuilt
 
 
 def test_task_block_says_how_its_rows_were_swept_and_timed(uninterrupted):
@@ -333,3 +334,24 @@ def test_budget_stops_before_work_that_would_overrun_it():
     with pytest.raises(core.OutOfTime, match="stopped before the next batch: 8 s of the time budget left, about 9 s"):
         budget.check(9, "the next batch")
     assert core.Budget(None).remaining() == float("inf")
+
+
+def test_risk_rows_whose_delta_reaches_the_full_models_metric_are_marked(uninterrupted):
+    # the risk loss max(0, m_full − m_early) never exceeds m_full: a δ at or above the full model's
+    # calibration metric cannot rule out a collapse, and the table must say so rather than look reassuring
+    folder, task, out, status = uninterrupted
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    assert all("rouge-l" in r["cal_metric_full"] for r in rows)  # carried from the configuration's JSON
+    risk = next(r for r in rows if r["loss"] == "risk" and r["delta"] == 0.2)
+    textual = next(r for r in rows if r["loss"] == "textual" and r["delta"] == 0.2)
+    low, high = dict(risk, cal_metric_full={"rouge-l": 0.15}), dict(risk, cal_metric_full={"rouge-l": 0.35})
+    assert report.delta_reaches_full_metric(low) and report.delta_reaches_full_metric(
+        dict(risk, cal_metric_full={"rouge-l": 0.2}))
+    assert not report.delta_reaches_full_metric(high)
+    assert not report.delta_reaches_full_metric(dict(textual, cal_metric_full={"rouge-l": 0.15}))
+    marked = "\n".join(report.markdown_table([low]))
+    assert "| risk | 0.2 † |" in marked and "mean ROUGE-L on the calibration split (tiny 0.150)" in marked
+    plain = "\n".join(report.markdown_table([high]))
+    assert "†" not in plain
+    answer = "\n".join(report.answers([low, high], []))
+    assert "1 of 2 risk-consistency rows (marked †; tiny)" in answer
