@@ -193,28 +193,34 @@ def _answer_contrastive(rows):
     groups = defaultdict(dict)
     for r in rows:
         groups[(r["model"], r["task"], r["reduction"], r["loss"], r["delta"])][r["scorer"]] = r
-    wins, ties, losses, lines = 0, 0, 0, []
+    # [cheaper, equal, dearer] than the margin: the contrastive scorers together, the learned one apart
+    counts = {"contrastive": [0, 0, 0], "exit-classifier": [0, 0, 0]}
+    lines = []
     for key, by_scorer in sorted(groups.items()):
         if "softmax-margin" not in by_scorer:
             continue
         margin = by_scorer["softmax-margin"]["flops_ratio"]
-        for name in CONTRASTIVE:
+        for name in (*CONTRASTIVE, "exit-classifier"):
             if name not in by_scorer:
                 continue
             other = by_scorer[name]["flops_ratio"]
-            if other < margin - 1e-3:
-                wins += 1
-            elif other > margin + 1e-3:
-                losses += 1
-            else:
-                ties += 1
+            tally = counts["exit-classifier" if name == "exit-classifier" else "contrastive"]
+            tally[0 if other < margin - 1e-3 else 2 if other > margin + 1e-3 else 1] += 1
             lines.append(f"{key[0]} / {key[1]} / {key[2]} / {key[3]} δ={key[4]:g}: {name} {other:.3f} vs margin "
                          f"{margin:.3f}")
+    wins, ties, losses = counts["contrastive"]
+    if not wins + ties + losses:
+        out.append("<!-- FILL: no contrastive and margin rows of the same setting in this run -->")
+    else:
+        out.append(f"Compared at the certified λ̂ (FLOPs ratio on the test split, lower is better; same model, task, "
+                   f"reduction, loss and δ): contrastive cheaper in {wins}, equal (±0.001) in {ties}, dearer in "
+                   f"{losses} of {wins + ties + losses} comparisons.")
+    learned = counts["exit-classifier"]
+    if sum(learned):
+        out.append(f"The learned exit classifier against the margin through the same adapted heads: cheaper in "
+                   f"{learned[0]}, equal in {learned[1]}, dearer in {learned[2]} of {sum(learned)} comparisons.")
     if not lines:
-        return out + ["<!-- FILL: no contrastive and margin rows of the same setting in this run -->", ""]
-    out.append(f"Compared at the certified λ̂ (FLOPs ratio on the test split, lower is better; same model, task, "
-               f"reduction, loss and δ): contrastive cheaper in {wins}, equal (±0.001) in {ties}, dearer in {losses} "
-               f"of {wins + ties + losses} comparisons.")
+        return out + [""]
     frontier = _frontier_comparison(rows)
     if frontier:
         out.append(frontier)

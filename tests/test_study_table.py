@@ -355,3 +355,21 @@ def test_risk_rows_whose_delta_reaches_the_full_models_metric_are_marked(uninter
     assert "†" not in plain
     answer = "\n".join(report.answers([low, high], []))
     assert "1 of 2 risk-consistency rows (marked †; tiny)" in answer
+
+
+def test_q2_counts_contrastive_and_learned_scorers_against_the_margin_of_the_same_setting(uninterrupted):
+    folder, task, out, status = uninterrupted
+    base = next(r for r in json.loads((out / "rows.json").read_text())["rows"]
+                if r["loss"] == "risk" and r["delta"] == 0.1)
+
+    def row(scorer, flops, model="tiny"):
+        return dict(base, scorer=scorer, flops_ratio=flops, model=model)
+
+    rows = [row("softmax-margin", 0.90), row("weighted-contrastive", 0.80), row("jsd-contrastive", 0.9005),
+            row("softmax-margin", 1.10, "adapted"), row("exit-classifier", 1.00, "adapted"),
+            row("jsd-contrastive", 0.50, "no-margin")]  # no margin row in its setting: not compared
+    text = "\n".join(report.answers(rows, []))
+    assert "contrastive cheaper in 1, equal (±0.001) in 1, dearer in 0 of 2 comparisons" in text
+    assert "exit classifier against the margin through the same adapted heads: cheaper in 1, equal in 0, " \
+           "dearer in 0 of 1" in text
+    assert "adapted / tiny / " in text and "exit-classifier 1.000 vs margin 1.100" in text
