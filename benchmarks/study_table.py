@@ -150,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from(args) -> core.StudySettings:
+def settings_from(args, command: str | None = None) -> core.StudySettings:
     def per_task(value):
         return {} if value is None else ({"*": value} if isinstance(value, int) else value)
 
@@ -159,7 +159,7 @@ def settings_from(args) -> core.StudySettings:
                               n_time=args.n_time, grid=args.grid, deltas=args.deltas, cost=args.cost,
                               batch_prompts=args.batch_prompts, compile_decision=args.compile,
                               sweep_decoding=args.sweep_decoding,
-                              progress=not args.quiet)
+                              progress=not args.quiet, command=command)
 
 
 def configurations(args) -> list[core.Configuration]:
@@ -243,7 +243,7 @@ def main(argv=None, *, loader=None, tasks: dict | None = None, clock=time.monoto
         import torch
 
         torch.set_num_threads(args.threads)
-    settings = settings_from(args)
+    settings = settings_from(args, command)
     complete = True
     try:
         counts = core.run_study(specs, chosen, configs, settings, budget,

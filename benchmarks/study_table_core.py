@@ -486,6 +486,8 @@ class StudySettings:
     sweep_decoding: str = "grid"  # SweepSpec.decoding; "rows" sweeps on the fast path
     progress: bool = True
     seed: int = 0
+    #: the computing call's command line, recorded in each configuration's JSON (not part of its identity)
+    command: str | None = None
 
     def sizes(self, task: Task) -> tuple[int, int, int]:
         """(n_cal, n_test, max_new_tokens) of ``task``: its own override, else the "*" one, else its default."""
@@ -646,6 +648,7 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
                   "device": str(decoder.backend.device),
                   "grid": list(settings.grid), "pvalue": PVALUE, "procedure": PROCEDURE,
                   "chosen_by_least": settings.cost},
+        "command": settings.command,
         "n_time": len(time_prompts),
         "timing": {k: {kk: vv for kk, vv in v.items() if kk != "texts"} for k, v in timings.items()},
         **result,
