@@ -111,7 +111,8 @@ def markdown_table(rows: list[dict]) -> list[str]:
             over = r["test_risk"] > r["delta"]
             lines.append(
                 f"| {r['model']} | {r['reduction']} (j={r['min_exit_layer']}) | {r['scorer']} | {r['loss']} | "
-                f"{r['delta']:g}{' †' if delta_reaches_full_metric(r) else ''} | {r['lambda_hat']:g}{'' if r['certified_any'] else ' (none)'} | "
+                f"{r['delta']:g}{' †' if delta_reaches_full_metric(r) else ''} | "
+                f"{r['lambda_hat']:g}{'' if r['certified_any'] else ' (none)'} | "
                 f"{_f(r['mean_exit_layer'])} of {r['num_layers']} | {_f(r['flops_ratio'], 3)} | "
                 f"{_f(r['runtime_s'])} ({_f(r['samples_per_s'])}) | {_f(r['runtime_full_s'])} "
                 f"({_f(r['samples_per_s_full'])}) | {_metric_cell(r, 'early')} | {_metric_cell(r, 'full')} | "

@@ -111,7 +111,7 @@ def _mean_layers(exit_layers: Sequence[int]) -> float:
 
 
 def decode_candidates(decoder, prompts: list[str], lambdas: Sequence[float], max_new_tokens: int,
-                       decoding: str = "grid"):
+                      decoding: str = "grid"):
     """Full-model output and one output per candidate for each prompt (``SweepSpec.decoding``; a decoder
     without ``generate_grid`` always decodes rows).
 
@@ -215,7 +215,7 @@ def decode_examples(decoder, examples: list, spec: SweepSpec, partial: PartialSw
         for first in range(0, len(todo), spec.prompts_per_batch):
             group = todo[first:first + spec.prompts_per_batch]
             full, early = decode_candidates(decoder, [ex.prompt for ex in group], spec.lambdas,
-                                             spec.max_new_tokens, spec.decoding)
+                                            spec.max_new_tokens, spec.decoding)
             for ex, full_i, early_i in zip(group, full, early):
                 partial.append(str(ex.id), _example_record(spec.metric, full_i, early_i, ex.reference))
                 decoded += 1
