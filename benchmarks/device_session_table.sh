@@ -22,6 +22,19 @@ if [ ! -f $DONE/rows ] && [ -f $DONE/grid ] && [ "$(left)" -gt 200 ]; then
   timeout 200 python3 benchmarks/bench_grid_decode.py $PROBE --decoding rows --batch 16 --json $OUT/rows_h200.json \
     --compare $OUT/grid_h200.json > $OUT/rows.log 2>&1; [ -f $OUT/rows_h200.json ] && touch $DONE/rows; tail -2 $OUT/rows.log
 fi
+# 2b. is the grid/rows disagreement in bf16 the rows sweep's or bf16's? Controls on the same prompts: the grid
+#     in float32 (the reference both bf16 decodings are read against), the rows sweep in float32 (must equal it),
+#     and the rows sweep in bf16 with 8 prompts per batch instead of 16 (same code, other batch composition)
+if [ ! -f $DONE/control ] && [ -f $OUT/rows_h200.json ] && [ "$(left)" -gt 300 ]; then
+  log "bf16 controls"
+  F32="${PROBE/bfloat16/float32}"
+  timeout 120 python3 benchmarks/bench_grid_decode.py $F32 --json $OUT/grid_h200_fp32.json > $OUT/control.log 2>&1
+  timeout 120 python3 benchmarks/bench_grid_decode.py $F32 --decoding rows --batch 16 --json $OUT/rows_h200_fp32.json \
+    --compare $OUT/grid_h200_fp32.json >> $OUT/control.log 2>&1
+  timeout 120 python3 benchmarks/bench_grid_decode.py $PROBE --decoding rows --batch 8 --json $OUT/rows8_h200.json \
+    --compare $OUT/rows_h200.json >> $OUT/control.log 2>&1
+  touch $DONE/control; grep -E "prompt-steps|identical" $OUT/control.log
+fi
 DECODING=grid
 if [ -f $OUT/rows_h200.json ] && python3 -c "
 import json, sys
@@ -35,8 +48,10 @@ log "sweep decoding: $DECODING"
 TABLE="--device cuda --dtype bfloat16 --data-dir /tmp/study-data --n-test 50 --n-time 10 --sweep-decoding $DECODING
   --max-new-tokens squad=24,samsum=32,xsum=32,cnn-dailymail=64,iwslt2017-en-de=48 --quiet --no-report --out /tmp/study_out"
 TASKS=squad,samsum,iwslt2017-en-de,xsum,cnn-dailymail
-for stage in "smollm2-135m=$GGUF|softmax-margin|decaying" "smollm2-135m=$GGUF|softmax-margin|fixed,none" \
+# (fixed before none on every task: "none" reads every layer's full head and costs most of a call per task)
+for stage in "smollm2-135m=$GGUF|softmax-margin|decaying" "smollm2-135m=$GGUF|softmax-margin|fixed" \
              "smollm2-135m=$GGUF|weighted-contrastive,jsd-contrastive|decaying" \
+             "smollm2-135m=$GGUF|softmax-margin|none" \
              "smollm2-135m-exit=smollm2-135m-exit|softmax-margin|decaying,fixed" \
              "smollm2-135m=$GGUF|weighted-contrastive,jsd-contrastive|fixed,none"; do
   IFS='|' read -r model scorers reductions <<< "$stage"
