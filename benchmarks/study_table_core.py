@@ -640,6 +640,8 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
                   if hasattr(loaded, "dtype") else None},
         "task": {"name": task.name, "recipe": task.recipe, "data_file": task.data_file, "note": task.note,
                  "metrics": list(task.metrics), "max_new_tokens": tokens, "n_cal": n_cal, "n_test": n_test,
+                 # the metric inside the risk-consistency loss max(0, m_full − m_early): the recipe's own
+                 "risk_metric": splits["cal"].metric,
                  "template": splits["cal"].template, "chat_template": bool(splits["cal"].chat_template_applied)},
         "configuration": {"scorer": config.scorer, "reduction": config.reduction.label,
                           "reduction_kind": config.reduction.kind, "pruning": config.reduction.pruning_spec(),

@@ -45,6 +45,8 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "runtime_full_s": full_time["runtime_s"] if full_time else None,
                 "samples_per_s_full": full_time["samples_per_s"] if full_time else None,
                 "n_time": r.get("n_time"), "metrics": r["task"]["metrics"],
+                # results written before the loss's metric was recorded: the recipes' metric is the first declared
+                "risk_metric": r["task"].get("risk_metric", r["task"]["metrics"][0]),
                 "metric_early": cert.get("metric_early", {}), "metric_full": metric_full,
                 # the full model's mean metric on the calibration split: bounds the risk-consistency loss there
                 "cal_metric_full": r.get("cal", {}).get("metric_full", {}),
@@ -73,7 +75,7 @@ def delta_reaches_full_metric(row) -> bool:
     split. The loss max(0, m_full − m_early) never exceeds m_full, so its calibration mean cannot exceed that
     metric: such a δ lets every λ through that the calibration noise allows, and the row bounds the quality
     loss only by "at most what the full model had"."""
-    m = row["metrics"][0]
+    m = row.get("risk_metric", row["metrics"][0])
     full = row.get("cal_metric_full", {}).get(m)
     return row["loss"] == "risk" and full is not None and row["delta"] >= full
 
@@ -119,7 +121,7 @@ def markdown_table(rows: list[dict]) -> list[str]:
                 f"{_f(r['test_risk'], 3)} {'**>**' if over else '≤'} {r['delta']:g} |")
         vacuous = [r for r in block if delta_reaches_full_metric(r)]
         if vacuous:
-            m = first["metrics"][0]
+            m = vacuous[0].get("risk_metric", first["metrics"][0])
             values = ", ".join(sorted({f"{r['model']} {r['cal_metric_full'][m]:.3f}" for r in vacuous}))
             lines += ["", VACUOUS_NOTE.format(metric=PRIMARY_METRIC_LABEL.get(m, m), values=values)]
         lines.append("")

@@ -355,6 +355,14 @@ def test_risk_rows_whose_delta_reaches_the_full_models_metric_are_marked(uninter
     assert "†" not in plain
     answer = "\n".join(report.answers([low, high], []))
     assert "1 of 2 risk-consistency rows (marked †; tiny)" in answer
+    # the test reads the metric inside the loss, recorded in the configuration's JSON, not the first declared
+    assert {r["risk_metric"] for r in rows} == {"rouge-l"}
+    second = dict(risk, metrics=["f1", "exact"], risk_metric="exact", cal_metric_full={"f1": 0.9, "exact": 0.15})
+    assert report.delta_reaches_full_metric(second)
+    assert not report.delta_reaches_full_metric(dict(second, risk_metric="f1"))
+    older = {k: v for k, v in second.items() if k != "risk_metric"}  # written before it was recorded: first declared
+    assert not report.delta_reaches_full_metric(older)
+    assert "mean exact on the calibration split (tiny 0.150)" in "\n".join(report.markdown_table([second]))
 
 
 def test_q2_counts_contrastive_and_learned_scorers_against_the_margin_of_the_same_setting(uninterrupted):
