@@ -75,8 +75,7 @@ def delta_reaches_full_metric(row) -> bool:
     split. The loss max(0, m_full − m_early) never exceeds m_full, so its calibration mean cannot exceed that
     metric: such a δ lets every λ through that the calibration noise allows, and the row bounds the quality
     loss only by "at most what the full model had"."""
-    m = row.get("risk_metric", row["metrics"][0])
-    full = row.get("cal_metric_full", {}).get(m)
+    full = row.get("cal_metric_full", {}).get(row["risk_metric"])
     return row["loss"] == "risk" and full is not None and row["delta"] >= full
 
 
@@ -121,7 +120,7 @@ def markdown_table(rows: list[dict]) -> list[str]:
                 f"{_f(r['test_risk'], 3)} {'**>**' if over else '≤'} {r['delta']:g} |")
         vacuous = [r for r in block if delta_reaches_full_metric(r)]
         if vacuous:
-            m = vacuous[0].get("risk_metric", first["metrics"][0])
+            m = vacuous[0]["risk_metric"]
             values = ", ".join(sorted({f"{r['model']} {r['cal_metric_full'][m]:.3f}" for r in vacuous}))
             lines += ["", VACUOUS_NOTE.format(metric=PRIMARY_METRIC_LABEL.get(m, m), values=values)]
         lines.append("")

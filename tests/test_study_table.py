@@ -360,8 +360,14 @@ def test_risk_rows_whose_delta_reaches_the_full_models_metric_are_marked(uninter
     second = dict(risk, metrics=["f1", "exact"], risk_metric="exact", cal_metric_full={"f1": 0.9, "exact": 0.15})
     assert report.delta_reaches_full_metric(second)
     assert not report.delta_reaches_full_metric(dict(second, risk_metric="f1"))
-    older = {k: v for k, v in second.items() if k != "risk_metric"}  # written before it was recorded: first declared
-    assert not report.delta_reaches_full_metric(older)
+    # a configuration written before the loss's metric was recorded: the row falls back to the first declared
+    config = json.loads(next((out / "configs").glob("*.json")).read_text())
+    config["task"] = {k: v for k, v in config["task"].items() if k != "risk_metric"}
+    config["task"]["metrics"] = ["f1", "exact"]
+    config["cal"] = dict(config.get("cal", {}), metric_full={"f1": 0.9, "exact": 0.15})
+    older = [r for r in report.rows_from_results([config]) if r["loss"] == "risk" and r["delta"] == 0.2]
+    assert older and {r["risk_metric"] for r in older} == {"f1"}
+    assert not any(report.delta_reaches_full_metric(r) for r in older)
     assert "mean exact on the calibration split (tiny 0.150)" in "\n".join(report.markdown_table([second]))
 
 
