@@ -40,11 +40,20 @@ WORKER = textwrap.dedent('''
     if os.environ.get("WORLD_SIZE", "1") == "1":
         run_sweep(decoder, calset, spec, out_path=out, model_fingerprint="sha256:m", progress=False)
     else:
+        import time
+        from pathlib import Path
         from ltt_exit.sweep.distributed import init_distributed, run_sweep_distributed
+        from ltt_exit.sweep.run import partial_path
         rank, world, _ = init_distributed("cpu")
         kill_after = int(os.environ.get("KILL_RANK1_AFTER", "0"))
         def hook(k):
             if rank == 1 and kill_after and k == kill_after:
+                # die only once rank 0 has recorded its whole shard (header + 5 examples): without the wait,
+                # a slow rank 0 is stopped by torchrun before its first record and the test would be racing
+                part0, deadline = partial_path(Path(out), 0, world), time.monotonic() + 300
+                while time.monotonic() < deadline and not (
+                        part0.exists() and len(part0.read_text().splitlines()) == 1 + 5):
+                    time.sleep(0.02)
                 os._exit(17)  # as abrupt as a killed process: no cleanup, no exception handling
         run_sweep_distributed(decoder, calset, spec, out_path=out, model_fingerprint="sha256:m",
                               progress=False, after_example=hook)
@@ -97,6 +106,7 @@ def test_two_gloo_ranks_match_single_process_and_resume_after_a_killed_rank(tmp_
     assert not out.exists()
     parts = sorted(p.name for p in tmp_path.glob("killed.parquet.partial-r*-of-2.jsonl"))
     assert parts == ["killed.parquet.partial-r0-of-2.jsonl", "killed.parquet.partial-r1-of-2.jsonl"]
+    assert len((tmp_path / parts[0]).read_text().splitlines()) == 1 + 5  # rank 0's shard of 9, whole
     rank1_lines = (tmp_path / parts[1]).read_text().splitlines()
     assert len(rank1_lines) == 1 + 2  # header + the two examples it finished
 
