@@ -48,11 +48,12 @@ WORKER = textwrap.dedent('''
         kill_after = int(os.environ.get("KILL_RANK1_AFTER", "0"))
         def hook(k):
             if rank == 1 and kill_after and k == kill_after:
-                # die only once rank 0 has recorded its whole shard (header + 5 examples): without the wait,
-                # a slow rank 0 is stopped by torchrun before its first record and the test would be racing
+                # die only once rank 0 has recorded its whole shard (header + one line per example): without
+                # the wait, a slow rank 0 is stopped by torchrun before its first record and the test would race
                 part0, deadline = partial_path(Path(out), 0, world), time.monotonic() + 300
+                whole = 1 + len(examples[0::world])
                 while time.monotonic() < deadline and not (
-                        part0.exists() and len(part0.read_text().splitlines()) == 1 + 5):
+                        part0.exists() and len(part0.read_text().splitlines()) == whole):
                     time.sleep(0.02)
                 os._exit(17)  # as abrupt as a killed process: no cleanup, no exception handling
         run_sweep_distributed(decoder, calset, spec, out_path=out, model_fingerprint="sha256:m",
