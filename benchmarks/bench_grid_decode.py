@@ -99,7 +99,9 @@ def main(argv=None) -> int:
     stats = getattr(decoder, "last_grid_stats", None) if args.decoding == "grid" else None
     prompt_steps = sum(len(sequence.token_ids) for sequence in full)
     result = {
-        "code": str(args.code or REPO), "device": device, "dtype": str(loaded.model.dtype), "prompts": len(prompts),
+        "code": str(args.code or REPO), "device": device,
+        "hardware": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "dtype": str(loaded.model.dtype), "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens, "pruning": args.pruning, "candidates": len(DEFAULT_GRID),
         "decoding": args.decoding, "batch": args.batch if args.decoding == "rows" else len(prompts),
         "seconds": round(seconds, 3), "prompt_steps": prompt_steps,

@@ -133,6 +133,11 @@ def parser() -> argparse.ArgumentParser:
                         "same outputs either way: cached tables and finished configurations are reused across it")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fused exit decision of the timed fast path (CUDA; slow first call)")
+    p.add_argument("--retime", action="store_true",
+                   help="sweep nothing; revisit the finished configurations whose batch-1 timings were not all "
+                        "made on one machine (a λ = 1 timing kept from another GPU) and time again here those made "
+                        "elsewhere, so that each row's runtimes at λ̂ and at λ = 1 compare (sweeps and "
+                        "certificates stay)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop cleanly before this many seconds from the start (exit status 3); run again to resume")
@@ -158,7 +163,7 @@ def settings_from(args, command: str | None = None) -> core.StudySettings:
                               n_test=per_task(args.n_test), max_new_tokens=per_task(args.max_new_tokens),
                               n_time=args.n_time, grid=args.grid, deltas=args.deltas, cost=args.cost,
                               batch_prompts=args.batch_prompts, compile_decision=args.compile,
-                              sweep_decoding=args.sweep_decoding,
+                              sweep_decoding=args.sweep_decoding, retime=args.retime,
                               progress=not args.quiet, command=command)
 
 
@@ -248,7 +253,8 @@ def main(argv=None, *, loader=None, tasks: dict | None = None, clock=time.monoto
     try:
         counts = core.run_study(specs, chosen, configs, settings, budget,
                                 loader or default_loader(args.device, args.dtype))
-        core._log(f"done: {counts['done_now']} configurations now, {counts['done_before']} from earlier calls")
+        core._log(f"done: {counts['done_now']} configurations now, {counts['done_before']} from earlier calls"
+                  + (f" ({counts['retimed']} timings made again here)" if "retimed" in counts else ""))
     except core.OutOfTime as stop:
         core._log(f"INCOMPLETE: {stop}")
         complete = False

@@ -419,6 +419,16 @@ def certify_and_look_up(cal, test, *, metric_names: tuple[str, ...], num_layers:
 
 
 # -------------------------------------------------------------------------------------------- timing
+def hardware(device) -> str:
+    """What a device is, beyond its index: the GPU's model name on CUDA ("cuda:0" names no machine, and the
+    session's device may be an H100 one day and an H200 the next), "cpu" otherwise. Timings are comparable
+    only between equal names."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: int) -> dict[str, Any]:
     """Wall clock of decoding ``prompts`` one at a time (batch 1) at ``threshold``.
 
@@ -449,7 +459,7 @@ def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: i
             "mean_exit_layer": float(np.mean([x for o in outputs for x in o.exit_layers]))
             if any(o.exit_layers for o in outputs) else float("nan"),
             "texts": [o.text for o in outputs], "device": str(decoder.backend.device),
-            "fast_path": type(decoder).__name__, "cuda_graphs": bool(getattr(decoder, "_graphs_on", lambda: False)())}
+            "hardware": hardware(decoder.backend.device), "fast_path": type(decoder).__name__, "cuda_graphs": bool(getattr(decoder, "_graphs_on", lambda: False)())}
 
 
 def fast_decoder(model, tokenizer, config: Configuration | None, adapters, compile_decision: bool, *,
@@ -486,6 +496,9 @@ class StudySettings:
     sweep_decoding: str = "grid"  # SweepSpec.decoding; "rows" sweeps on the fast path
     progress: bool = True
     seed: int = 0
+    #: instead of sweeping what is not done: for finished configurations whose timings come from different
+    #: machines, time again on this machine those not made here (the sweep and the certificates stay)
+    retime: bool = False
     #: the computing call's command line, recorded in each configuration's JSON (not part of its identity)
     command: str | None = None
 
@@ -539,8 +552,12 @@ def run_study(models: list[ModelSpec], tasks: list[Task], configs: list[Configur
             n_cal, n_test, tokens = settings.sizes(task)
             splits = None
             for config in model_configurations(configs, adapters):
-                if _complete(store, spec.label, task, config.slug, settings):
-                    counts["done_before"] += 1
+                done = _complete(store, spec.label, task, config.slug, settings)
+                counts["done_before"] += done
+                if settings.retime:  # only finished configurations, and only those timed on several machines
+                    if not (done and _timed_apart(store.read(store.config_path(spec.label, task.name, config.slug)))):
+                        continue
+                elif done:
                     continue
                 if loaded is None:
                     budget.check(0, f"loading {spec.label}")
@@ -552,10 +569,77 @@ def run_study(models: list[ModelSpec], tasks: list[Task], configs: list[Configur
                 if splits is None:
                     splits = task_splits(task, data_dir=settings.data_dir, n_cal=n_cal, n_test=n_test,
                                          family=loaded.family, tokenizer=loaded.tokenizer, seed=settings.seed)
+                if done:
+                    _log(f"[{spec.label} | {task.name} | {config.slug}] timings again on {hardware(loaded.device)}")
+                    counts["retimed"] = counts.get("retimed", 0) + retime_configuration(
+                        spec, loaded, adapters, task, splits, config, settings, store, budget)
+                    continue
                 _log(f"[{spec.label} | {task.name} | {config.slug}] n_cal {n_cal}, n_test {n_test}, N {tokens}")
                 run_configuration(spec, loaded, adapters, task, splits, config, settings, store, budget, estimates)
                 counts["done_now"] += 1
     return counts
+
+
+def _timed_apart(result: dict | None) -> bool:
+    """Whether a configuration's batch-1 timings (λ = 1 and each λ̂) were not all measured on one machine."""
+    timing = (result or {}).get("timing", {})
+    return len({t.get("hardware", t.get("device")) for t in timing.values()}) > 1
+
+
+def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dict, config: Configuration,
+                         settings: StudySettings, store: Store, budget: Budget) -> int:
+    """Time again, on this machine, the timings of a finished configuration that were made elsewhere, so that
+    its runtime at λ̂ and at λ = 1 compare; returns how many. The sweep's texts of the timed prompts (kept in
+    the JSON since they were recorded, else read from the test split's loss table when it is at hand) say
+    whether the fast path still reproduces the sweep; without either the agreement is left unknown (None)."""
+    path = store.config_path(spec.label, task.name, config.slug)
+    result = store.read(path)
+    here = hardware(loaded.device)
+    tokens = result["task"]["max_new_tokens"]
+    prompts = [e.prompt for e in splits["test"].examples[: result["n_time"]]]
+    swept = result.get("sweep_texts_timed") or _sweep_texts_from_table(store, spec.label, task.name, config.slug,
+                                                                      result, len(prompts))
+    retimed = 0
+    for key, old in result["timing"].items():
+        if old.get("hardware", old.get("device")) == here:
+            continue
+        lam = float(key)
+        full = key == "1"
+        new = _timed(store, spec.label, task.name, "full" if full else config.slug, lam, loaded, adapters,
+                     None if full else config, prompts, tokens, settings, budget)
+        recorded = (swept or {}).get(key)
+        new["same_text_as_sweep"] = (float(np.mean([a == b for a, b in zip(recorded, new["texts"])]))
+                                     if recorded is not None else None)
+        result["timing"][key] = {k: v for k, v in new.items() if k != "texts"}
+        retimed += 1
+    result["timing_retimed_by"] = settings.command
+    store.write(path, result)
+    return retimed
+
+
+def _sweep_texts_from_table(store: Store, model: str, task: str, config: str, result: dict, n: int) -> dict | None:
+    """The test sweep's texts of the first ``n`` prompts at each timed λ, from the loss table if it is here."""
+    from ltt_exit.loss_table import LossTable
+
+    tables = sorted(store.table_stem(model, task, config, "test").parent.glob(
+        store.table_stem(model, task, config, "test").name + "__*.parquet"))
+    matching = [LossTable.load(p) for p in tables]
+    matching = [t for t in matching if t.n == result["task"]["n_test"]]
+    if len(matching) != 1:
+        return None
+    return _sweep_texts(matching[0], result["lambdas"], result["timing"].keys(), n)
+
+
+def _sweep_texts(table, lambdas: list[float], keys, n: int) -> dict[str, list[str]]:
+    """{timing key: the sweep's texts of the first n test prompts}: "1" the full model's, else λ's candidate's."""
+    out = {}
+    for key in keys:
+        if key == "1":
+            out[key] = [str(t) for t in table.example_columns["full_text"][:n]]
+        else:
+            j = [f"{lam:.6g}" for lam in lambdas].index(key)
+            out[key] = [str(t) for t in table.candidate_columns["text"][:n, j]]
+    return out
 
 
 def _complete(store: Store, model: str, task: Task, config: str, settings: StudySettings) -> bool:
@@ -618,19 +702,18 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
     # batch-1 wall clock on the first n_time test prompts: λ = 1 once per (model, task), each distinct λ̂ < 1
     time_prompts = [e.prompt for e in splits["test"].examples[: settings.n_time]]
     timings = {}
+    swept_texts = {}
     if time_prompts:
         timings["1"] = _timed(store, spec.label, task.name, "full", 1.0, loaded, adapters, None, time_prompts,
                               tokens, settings, budget)
-        recorded = [str(t) for t in tables["test"].example_columns["full_text"][: len(time_prompts)]]
-        timings["1"]["same_text_as_sweep"] = float(np.mean([a == b for a, b in zip(recorded, timings["1"]["texts"])]))
         for lam in sorted({c["lambda_hat"] for c in result["certificates"] if c["lambda_hat"] < 1}, reverse=True):
             timings[f"{lam:.6g}"] = _timed(store, spec.label, task.name, config.slug, lam, loaded, adapters, config,
                                            time_prompts, tokens, settings, budget)
-            # the fast path must reproduce what the sweep recorded for these prompts at this λ
-            j = result["lambdas"].index(lam)
-            recorded = [str(t) for t in tables["test"].candidate_columns["text"][: len(time_prompts), j]]
-            timings[f"{lam:.6g}"]["same_text_as_sweep"] = float(np.mean(
-                [a == b for a, b in zip(recorded, timings[f"{lam:.6g}"]["texts"])]))
+        # the fast path must reproduce what the sweep recorded for these prompts at each timed λ; the sweep's
+        # texts stay in the JSON so that a later call can time again elsewhere without the loss table
+        swept_texts = _sweep_texts(tables["test"], result["lambdas"], timings.keys(), len(time_prompts))
+        for key, timing in timings.items():
+            timing["same_text_as_sweep"] = float(np.mean([a == b for a, b in zip(swept_texts[key], timing["texts"])]))
     summary = {
         "version": RESULT_VERSION,
         "identity": {"model": spec.label, "task": task.name, "configuration": config.slug,
@@ -647,12 +730,13 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
                           "reduction_kind": config.reduction.kind, "pruning": config.reduction.pruning_spec(),
                           "min_exit_layer": config.min_exit_layer, "tau": config.tau, "decoder": decoder.config_dict()},
         "sweep": {"batch_prompts": batch, "decoding": settings.sweep_decoding, "seconds_this_call": sweep_seconds,
-                  "device": str(decoder.backend.device),
+                  "device": str(decoder.backend.device), "hardware": hardware(decoder.backend.device),
                   "grid": list(settings.grid), "pvalue": PVALUE, "procedure": PROCEDURE,
                   "chosen_by_least": settings.cost},
         "command": settings.command,
         "n_time": len(time_prompts),
         "timing": {k: {kk: vv for kk, vv in v.items() if kk != "texts"} for k, v in timings.items()},
+        "sweep_texts_timed": swept_texts,
         **result,
     }
     store.write(store.config_path(spec.label, task.name, config.slug), summary)
@@ -662,7 +746,10 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
 def _timed(store: Store, model: str, task: str, what: str, lam: float, loaded, adapters, config, prompts, tokens,
            settings: StudySettings, budget: Budget) -> dict:
     path = store.timing_path(model, task, what, lam)
-    identity = {"max_new_tokens": tokens, "device": str(loaded.device), "dtype": str(loaded.dtype),
+    # the hardware is part of what is reused: a λ = 1 timing from another GPU model would make the row's two
+    # runtimes incomparable (timings written before it was recorded are re-timed)
+    identity = {"max_new_tokens": tokens, "device": str(loaded.device), "hardware": hardware(loaded.device),
+                "dtype": str(loaded.dtype),
                 "prompts_sha256": hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()}
     cached = store.read(path)
     if cached is not None and all(cached.get(k) == v for k, v in identity.items()):

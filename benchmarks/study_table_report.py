@@ -52,7 +52,9 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "cal_metric_full": r.get("cal", {}).get("metric_full", {}),
                 "n_cal": r["task"]["n_cal"], "n_test": r["task"]["n_test"],
                 "max_new_tokens": r["task"]["max_new_tokens"],
-                "timing_device": (full_time or {}).get("device"),
+                # the machine of each timing (its GPU model; older results name only "cuda:0"): a row's two
+                # runtimes compare only when both were timed on the same kind of machine
+                "timing_device": _timing_hardware(full_time), "timing_device_at": _timing_hardware(at),
                 # where the loss tables were swept (rows of one task may come from different machines)
                 "sweep": f"{r.get('sweep', {}).get('device', '?')}, {str(r['model'].get('dtype')).replace('torch.', '')}",
                 # share of the timed prompts whose fast-path text equals the sweep's at this λ (1.0 expected)
@@ -62,6 +64,21 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
     rows.sort(key=lambda x: (x["task"], x["model"], order.get(x["reduction_kind"], 9), x["scorer"], x["loss"],
                              x["delta"]))
     return rows
+
+
+def _timing_hardware(timing: dict | None) -> str | None:
+    return None if not timing else timing.get("hardware", timing.get("device"))
+
+
+def timings_comparable(row) -> bool:
+    """Whether a row's runtime at λ̂ and at λ = 1 were measured on the same kind of machine (a λ = 1 timing
+    is shared by every configuration of a task and may come from an earlier session's other GPU)."""
+    return row.get("timing_device_at") is None or row["timing_device_at"] == row["timing_device"]
+
+
+DIFFERENT_MACHINES_NOTE = ("‡ the runtime at λ̂ was measured on {at}, the one at λ = 1 on {full} (the λ = 1 timing is "
+                           "shared by the task's configurations and was kept from an earlier session): the two "
+                           "are not comparable, and question 1 leaves these rows out.")
 
 
 def _f(value, digits=2, missing="–") -> str:
@@ -115,7 +132,8 @@ def markdown_table(rows: list[dict]) -> list[str]:
                 f"{r['delta']:g}{' †' if delta_reaches_full_metric(r) else ''} | "
                 f"{r['lambda_hat']:g}{'' if r['certified_any'] else ' (none)'} | "
                 f"{_f(r['mean_exit_layer'])} of {r['num_layers']} | {_f(r['flops_ratio'], 3)} | "
-                f"{_f(r['runtime_s'])} ({_f(r['samples_per_s'])}) | {_f(r['runtime_full_s'])} "
+                f"{_f(r['runtime_s'])} ({_f(r['samples_per_s'])}){'' if timings_comparable(r) else ' ‡'} | "
+                f"{_f(r['runtime_full_s'])} "
                 f"({_f(r['samples_per_s_full'])}) | {_metric_cell(r, 'early')} | {_metric_cell(r, 'full')} | "
                 f"{_f(r['test_risk'], 3)} {'**>**' if over else '≤'} {r['delta']:g} |")
         vacuous = [r for r in block if delta_reaches_full_metric(r)]
@@ -123,6 +141,9 @@ def markdown_table(rows: list[dict]) -> list[str]:
             m = vacuous[0]["risk_metric"]
             values = ", ".join(sorted({f"{r['model']} {r['cal_metric_full'][m]:.3f}" for r in vacuous}))
             lines += ["", VACUOUS_NOTE.format(metric=PRIMARY_METRIC_LABEL.get(m, m), values=values)]
+        apart = sorted({(r["timing_device_at"], r["timing_device"]) for r in block if not timings_comparable(r)})
+        for at, full in apart:
+            lines += ["", DIFFERENT_MACHINES_NOTE.format(at=at, full=full)]
         lines.append("")
     return lines
 
@@ -139,9 +160,13 @@ def answers(rows: list[dict], results: list[dict]) -> list[str]:
 
 def _answer_wall_clock(rows):
     timed = [r for r in rows if r["lambda_hat"] < 1 and r["runtime_s"] is not None and r["runtime_full_s"]]
+    apart = [r for r in timed if not timings_comparable(r)]
+    timed = [r for r in timed if timings_comparable(r)]
     slower = [r for r in timed if r["runtime_s"] > r["runtime_full_s"]]
     out = ["**1. Does pruning lose wall-clock time, and does the certified λ collapse the task metric?**", ""]
-    if not timed:
+    if not timed and apart:
+        out.append("No row with a certified λ̂ < 1 has its two runtimes from the same machine.")
+    elif not timed:
         out.append("No row has a certified λ̂ < 1 with a timing, so early exit never ran in these rows "
                    "(λ̂ = 1 decodes the full model).")
     else:
@@ -158,6 +183,9 @@ def _answer_wall_clock(rows):
             by_reduction[r["reduction_kind"]].append(r["runtime_s"] / r["runtime_full_s"])
         out.append("Median runtime ratio by reduction: " + ", ".join(
             f"{k} {np.median(v):.2f} ({len(v)} rows)" for k, v in sorted(by_reduction.items())) + ".")
+    if apart:
+        out.append(f"Left out: {len(apart)} timed rows with λ̂ < 1 (‡) whose λ̂ and λ = 1 runtimes were measured on "
+                   "different machines.")
     for loss, why in (("risk", "the mean drop is at most the test risk, so at most δ wherever the guarantee holds"),
                       ("textual", "this loss bounds how far the output moves from the full model's, not the metric")):
         drops = [(r["metric_full"][r["metrics"][0]] - r["metric_early"][r["metrics"][0]], r) for r in rows

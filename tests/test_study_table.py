@@ -117,6 +117,72 @@ def test_a_certified_early_exit_is_timed_and_looked_up(tmp_path):
         assert r["timing_same_text"] == 1.0
 
 
+def _pretend_timed_elsewhere(out: Path, key: str, machine: str) -> dict:
+    """Rewrite a finished configuration (and the shared timing file) as if its timing ``key`` had been made on
+    ``machine``, with a runtime no real run gives; returns the configuration's JSON as it was."""
+    path = next((out / "configs").glob("*.json"))
+    result = json.loads(path.read_text())
+    changed = json.loads(path.read_text())
+    changed["timing"][key].update(hardware=machine, runtime_s=999.0, samples_per_s=2 / 999.0)
+    path.write_text(json.dumps(changed))
+    if key == "1":  # the λ = 1 timing file is what an earlier session left for every configuration of the task
+        timing = next((out / "timing").glob("*__full__lam1.json"))
+        timing.write_text(json.dumps(dict(json.loads(timing.read_text()), hardware=machine, runtime_s=999.0)))
+    return result
+
+
+def test_runtimes_from_different_machines_are_marked_and_retime_makes_them_compare(tmp_path):
+    task = _tiny_task(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(out, tmp_path, "--deltas", "0.9", "--grid", "1,0.5,0.2,0", "--scorers", "softmax-margin",
+                 "--reductions", "none")
+    # --retime sweeps nothing that is not finished
+    assert study_table.main([*argv, "--retime"], loader=_loader, tasks={"tiny": task}) == 0
+    assert not list((out / "configs").glob("*.json"))
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    before = _pretend_timed_elsewhere(out, "1", "NVIDIA H200")
+    assert before["sweep"]["hardware"] == "cpu" and {t["hardware"] for t in before["timing"].values()} == {"cpu"}
+    lam_keys = [k for k in before["timing"] if k != "1"]
+    assert lam_keys, "nothing certified below λ = 1"
+    rows = report.rows_from_results(core.Store(out).config_results())
+    apart = [r for r in rows if r["lambda_hat"] < 1]
+    assert apart and not any(report.timings_comparable(r) for r in apart)
+    assert all(report.timings_comparable(r) for r in rows if r["lambda_hat"] == 1)
+    text = "\n".join(report.markdown_table(rows))
+    assert " ‡ |" in text and "measured on cpu, the one at λ = 1 on NVIDIA H200" in text
+    q1 = "\n".join(report._answer_wall_clock(rows))
+    assert "No row with a certified λ̂ < 1 has its two runtimes from the same machine" in q1
+    assert f"Left out: {len(apart)} timed rows" in q1
+    # a plain rerun finds everything done and leaves the timings alone
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    path = next((out / "configs").glob("*.json"))
+    assert json.loads(path.read_text())["timing"]["1"]["runtime_s"] == 999.0
+    # --retime times λ = 1 again here (the cached file is from the other machine), keeps the λ̂ timings made
+    # here, and checks the new timing against the sweep's texts kept in the JSON
+    assert study_table.main([*argv, "--retime"], loader=_loader, tasks={"tiny": task}) == 0
+    after = json.loads(path.read_text())
+    assert after["timing"]["1"]["hardware"] == "cpu" and after["timing"]["1"]["runtime_s"] < 999.0
+    assert after["timing"]["1"]["same_text_as_sweep"] == 1.0
+    assert {k: after["timing"][k] for k in lam_keys} == {k: before["timing"][k] for k in lam_keys}
+    assert after["certificates"] == before["certificates"] and after["test"] == before["test"]
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    assert all(report.timings_comparable(r) for r in rows)
+    # without the sweep's texts in the JSON they come from the test split's loss table; without that too, the
+    # agreement is unknown rather than guessed
+    for drop_tables in (False, True):
+        _pretend_timed_elsewhere(out, lam_keys[0], "NVIDIA H100 80GB HBM3")
+        changed = json.loads(path.read_text())
+        changed.pop("sweep_texts_timed", None)
+        path.write_text(json.dumps(changed))
+        if drop_tables:
+            for table in (out / "tables").glob("*__test__*.parquet"):
+                table.unlink()
+        assert study_table.main([*argv, "--retime"], loader=_loader, tasks={"tiny": task}) == 0
+        timing = json.loads(path.read_text())["timing"][lam_keys[0]]
+        assert timing["hardware"] == "cpu" and timing["runtime_s"] < 999.0
+        assert timing["same_text_as_sweep"] == (None if drop_tables else 1.0)
+
+
 def test_the_rows_sweep_on_the_fast_path_gives_the_grid_sweeps_rows(uninterrupted, tmp_path):
     folder, task, out, status = uninterrupted
     rows_out = tmp_path / "out"
