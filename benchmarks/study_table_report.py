@@ -56,7 +56,7 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 # runtimes compare only when both were timed on the same kind of machine
                 "timing_device": _timing_hardware(full_time), "timing_device_at": _timing_hardware(at),
                 # where the loss tables were swept (rows of one task may come from different machines)
-                "sweep": f"{r.get('sweep', {}).get('device', '?')}, {str(r['model'].get('dtype')).replace('torch.', '')}",
+                "sweep": f"{_timing_hardware(r.get('sweep')) or '?'}, {str(r['model'].get('dtype')).replace('torch.', '')}",
                 # share of the timed prompts whose fast-path text equals the sweep's at this λ (1.0 expected)
                 "timing_same_text": at.get("same_text_as_sweep") if at else None,
             })
