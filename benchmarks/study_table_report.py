@@ -254,6 +254,9 @@ def _answer_contrastive(rows):
     frontier = _frontier_comparison(rows)
     if frontier:
         out.append(frontier)
+    runtime = _runtime_comparison(rows)
+    if runtime:
+        out.append(runtime)
     out += ["", "<details><summary>every comparison</summary>", "", *[f"* {x}" for x in lines], "", "</details>"]
     return out + [""]
 
@@ -275,6 +278,33 @@ def _frontier_comparison(rows) -> str:
         return ""
     return "Settings where one scorer alone had the lowest certified FLOPs ratio: " + ", ".join(
         f"{k} {v}" for k, v in sorted(best.items(), key=lambda x: -x[1])) + "."
+
+
+#: scorer pairs whose batch-1 runtimes are compared (numerator, denominator)
+RUNTIME_PAIRS = (("weighted-contrastive", "softmax-margin"), ("jsd-contrastive", "softmax-margin"),
+                 ("jsd-contrastive", "weighted-contrastive"), ("exit-classifier", "softmax-margin"))
+
+
+def _runtime_comparison(rows) -> str:
+    """Batch-1 wall clock of one scorer against another where both certified the same λ̂ < 1 in the same
+    setting and were timed on the same machine: the FLOPs ratio does not see every cost (launches, small
+    matrix products), the clock does. One timing per (model, task, reduction, λ̂): rows that share it count
+    once."""
+    by_setting = defaultdict(dict)
+    for r in rows:
+        if r["lambda_hat"] < 1 and r["runtime_s"] and r.get("timing_device_at"):
+            key = (r["model"], r["task"], r["reduction"], r["lambda_hat"])
+            by_setting[key][r["scorer"]] = r
+    parts = []
+    for name, base in RUNTIME_PAIRS:
+        ratios = [s[name]["runtime_s"] / s[base]["runtime_s"] for s in by_setting.values()
+                  if name in s and base in s and s[name]["timing_device_at"] == s[base]["timing_device_at"]]
+        if ratios:
+            parts.append(f"{name} / {base} median {np.median(ratios):.2f} (range {min(ratios):.2f}–{max(ratios):.2f}, "
+                         f"{len(ratios)} settings)")
+    if not parts:
+        return ""
+    return ("Batch-1 runtime at the same certified λ̂, same setting and same machine: " + "; ".join(parts) + ".")
 
 
 def _answer_tasks(rows):

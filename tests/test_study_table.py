@@ -468,3 +468,22 @@ def test_each_configuration_records_its_command_and_mixed_calls_are_listed(unint
     assert "`python benchmarks/study_table.py --tasks tiny --n-test 3`: tiny / tiny / " in text
     assert "1 configurations computed before their command was recorded" in text
     assert f"`{last}`" in text
+
+
+def test_q2_compares_scorers_runtimes_only_at_one_lambda_on_one_machine():
+    def row(scorer, lam, runtime, machine, task="t", loss="risk", delta=0.1):
+        return {"model": "m", "task": task, "reduction": "decaying", "scorer": scorer, "lambda_hat": lam,
+                "runtime_s": runtime, "timing_device_at": machine, "loss": loss, "delta": delta}
+
+    rows = [row("softmax-margin", 0.9, 1.0, "A"), row("jsd-contrastive", 0.9, 3.0, "A"),
+            # the same timing seen again by another (loss, δ) row of the setting: counted once
+            row("softmax-margin", 0.9, 1.0, "A", loss="textual"), row("jsd-contrastive", 0.9, 3.0, "A", loss="textual"),
+            row("softmax-margin", 0.8, 1.0, "A", task="u"), row("jsd-contrastive", 0.8, 2.0, "A", task="u"),
+            # another machine, another λ̂, or λ̂ = 1: not compared
+            row("softmax-margin", 0.9, 1.0, "A", task="v"), row("jsd-contrastive", 0.9, 9.0, "B", task="v"),
+            row("softmax-margin", 0.9, 1.0, "A", task="w"), row("jsd-contrastive", 0.8, 9.0, "A", task="w"),
+            row("softmax-margin", 1.0, 1.0, "A", task="x"), row("jsd-contrastive", 1.0, 9.0, "A", task="x")]
+    text = report._runtime_comparison(rows)
+    assert "jsd-contrastive / softmax-margin median 2.50 (range 2.00–3.00, 2 settings)" in text
+    assert "weighted" not in text
+    assert report._runtime_comparison(rows[6:]) == ""
