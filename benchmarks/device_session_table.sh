@@ -2,7 +2,8 @@
 # The study table (issue 17) on the lent GPU (H200 or H100), as one resumable call repeated while the machine
 # stays warm: the table's configurations, most informative first, swept with the rows sweep (PROBES=1 first
 # measures it against the shared grid on this machine and takes the faster). Every phase skips what an
-# earlier call finished; the table resumes from its partial files; results go back as one archive ($OUT takes at most 8 files per call).
+# earlier call finished; the table resumes from its partial files; results go back as one archive ($OUT
+# takes at most 8 files per call).
 # Bring-up first, as for benchmarks/device_session.sh (docs/study_table.md): GGUF parts stashed in
 # /tmp/gguf-parts, wheels in /tmp/site, the task files in /tmp/study-data. Then:
 #   BUDGET=570 bash benchmarks/device_session_table.sh

@@ -459,7 +459,8 @@ def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: i
             "mean_exit_layer": float(np.mean([x for o in outputs for x in o.exit_layers]))
             if any(o.exit_layers for o in outputs) else float("nan"),
             "texts": [o.text for o in outputs], "device": str(decoder.backend.device),
-            "hardware": hardware(decoder.backend.device), "fast_path": type(decoder).__name__, "cuda_graphs": bool(getattr(decoder, "_graphs_on", lambda: False)())}
+            "hardware": hardware(decoder.backend.device), "fast_path": type(decoder).__name__,
+            "cuda_graphs": bool(getattr(decoder, "_graphs_on", lambda: False)())}
 
 
 def fast_decoder(model, tokenizer, config: Configuration | None, adapters, compile_decision: bool, *,

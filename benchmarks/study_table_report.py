@@ -54,9 +54,9 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "max_new_tokens": r["task"]["max_new_tokens"],
                 # the machine of each timing (its GPU model; older results name only "cuda:0"): a row's two
                 # runtimes compare only when both were timed on the same kind of machine
-                "timing_device": _timing_hardware(full_time), "timing_device_at": _timing_hardware(at),
+                "timing_device": _machine_of(full_time), "timing_device_at": _machine_of(at),
                 # where the loss tables were swept (rows of one task may come from different machines)
-                "sweep": f"{_timing_hardware(r.get('sweep')) or '?'}, {str(r['model'].get('dtype')).replace('torch.', '')}",
+                "sweep": f"{_machine_of(r.get('sweep')) or '?'}, {str(r['model'].get('dtype')).replace('torch.', '')}",
                 # share of the timed prompts whose fast-path text equals the sweep's at this λ (1.0 expected)
                 "timing_same_text": at.get("same_text_as_sweep") if at else None,
             })
@@ -66,8 +66,9 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
     return rows
 
 
-def _timing_hardware(timing: dict | None) -> str | None:
-    return None if not timing else timing.get("hardware", timing.get("device"))
+def _machine_of(record: dict | None) -> str | None:
+    """The GPU model a timing or a sweep ran on ("cpu" on the CPU; results older than the field: the device)."""
+    return None if not record else record.get("hardware", record.get("device"))
 
 
 def timings_comparable(row) -> bool:
