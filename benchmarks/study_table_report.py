@@ -334,6 +334,16 @@ def _answer_tasks(rows):
 
 
 # -------------------------------------------------------------------------------------------- plots
+def _log_axis_ticks(flops_ratios) -> list[float] | None:
+    """Ticks for a log-scale FLOPs axis when the task's lines span more than 2.5× (unpruned configurations
+    read the full head at every consulted layer and reach several times the full model's cost: on a linear
+    axis they squeeze every pruned line into a sliver around 1); None: keep the linear axis."""
+    xs = [x for x in flops_ratios if x is not None and x > 0]
+    if not xs or max(xs) / min(xs) <= 2.5:
+        return None
+    return [t for t in (0.5, 0.6, 0.8, 1, 1.25, 1.5, 2, 3, 4, 6, 8) if min(xs) / 1.1 <= t <= max(xs) * 1.1]
+
+
 def frontier_plots(results: list[dict], docs_dir: Path, prefix: str = "study_frontier") -> list[Path]:
     """One PNG per task: test risk against FLOPs ratio along the grid, a line per model × scorer × reduction,
     the certified points marked (one marker per δ; a line style per model); textual consistency left, risk
@@ -352,6 +362,7 @@ def frontier_plots(results: list[dict], docs_dir: Path, prefix: str = "study_fro
     styles = dict(zip(sorted({r["model"]["label"] for r in results}), ("-", "--", ":", "-.")))
     for task, block in sorted(by_task.items()):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+        log_ticks = _log_axis_ticks([x for r in block for x in r["test"]["flops_ratio"]])
         for ax, loss in zip(axes, ("textual", "risk")):
             for r in sorted(block, key=lambda x: (x["model"]["label"], x["configuration"]["scorer"],
                                                     x["configuration"]["reduction"])):
@@ -367,8 +378,16 @@ def frontier_plots(results: list[dict], docs_dir: Path, prefix: str = "study_fro
                                 markers.get(cert["delta"], "^"), color=line.get_color(), ms=7, mfc="none", mew=1.5)
             for delta in deltas:
                 ax.axhline(delta, color="grey", lw=0.7, ls=":")
+            ax.axvline(1.0, color="black", lw=0.6, alpha=0.5)  # the full model's cost: exits pay to its left
+            if log_ticks:
+                from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+                ax.set_xscale("log")
+                ax.set_xticks(log_ticks)
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{task}: {loss} consistency (test split)")
-            ax.set_xlabel("FLOPs ratio (exit heads counted)")
+            ax.set_xlabel("FLOPs ratio (exit heads counted)" + (", log scale" if log_ticks else ""))
             ax.set_ylabel("mean test loss")
         handles, labels = axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)

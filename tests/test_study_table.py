@@ -487,3 +487,9 @@ def test_q2_compares_scorers_runtimes_only_at_one_lambda_on_one_machine():
     assert "jsd-contrastive / softmax-margin median 2.50 (range 2.00–3.00, 2 settings)" in text
     assert "weighted" not in text
     assert report._runtime_comparison(rows[6:]) == ""
+
+
+def test_frontier_axis_turns_logarithmic_only_when_a_line_reaches_far_beyond_the_others():
+    assert report._log_axis_ticks([0.7, 0.9, 1.0, 1.2]) is None
+    assert report._log_axis_ticks([0.78, 1.0, 1.2, 3.64]) == [0.8, 1, 1.25, 1.5, 2, 3, 4]
+    assert report._log_axis_ticks([None, 0.0]) is None
