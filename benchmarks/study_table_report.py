@@ -176,9 +176,9 @@ def _answer_wall_clock(rows):
         out.append(
             f"Of {len(timed)} rows with a certified λ̂ < 1, {len(slower)} ran slower at batch 1 than the full "
             f"model ({100 * len(slower) / len(timed):.0f} %). Runtime ratio λ̂ / λ = 1: best "
-            f"{best['runtime_s'] / best['runtime_full_s']:.2f} ({best['task']}, {best['reduction']}, "
-            f"{best['scorer']}), worst {worst['runtime_s'] / worst['runtime_full_s']:.2f} ({worst['task']}, "
-            f"{worst['reduction']}, {worst['scorer']}).")
+            f"{best['runtime_s'] / best['runtime_full_s']:.2f} ({best['model']}, {best['task']}, {best['reduction']}, "
+            f"{best['scorer']}), worst {worst['runtime_s'] / worst['runtime_full_s']:.2f} ({worst['model']}, "
+            f"{worst['task']}, {worst['reduction']}, {worst['scorer']}).")
         by_reduction = defaultdict(list)
         for r in timed:
             by_reduction[r["reduction_kind"]].append(r["runtime_s"] / r["runtime_full_s"])
@@ -202,7 +202,7 @@ def _answer_wall_clock(rows):
         else:
             worst = f"the task metric dropped at no certified λ̂ (least gain {-100 * drop:.1f} points)"
         out.append(
-            f"{loss.capitalize()} consistency: {worst} ({r['task']}, {r['reduction']}, {r['scorer']}, "
+            f"{loss.capitalize()} consistency: {worst} ({r['model']}, {r['task']}, {r['reduction']}, {r['scorer']}, "
             f"δ = {r['delta']:g}: {100 * r['metric_early'][m]:.1f} against {100 * r['metric_full'][m]:.1f}; {why}); "
             f"{len(collapsed)} of {len(drops)} rows keep less than half of the full model's metric.")
     risk_rows = [r for r in rows if r["loss"] == "risk"]
