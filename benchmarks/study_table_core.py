@@ -608,9 +608,7 @@ def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: 
         full = key == "1"
         new = _timed(store, spec.label, task.name, "full" if full else config.slug, lam, loaded, adapters,
                      None if full else config, prompts, tokens, settings, budget)
-        recorded = (swept or {}).get(key)
-        new["same_text_as_sweep"] = (float(np.mean([a == b for a, b in zip(recorded, new["texts"])]))
-                                     if recorded is not None else None)
+        new["same_text_as_sweep"] = _share_same((swept or {}).get(key), new["texts"])
         result["timing"][key] = {k: v for k, v in new.items() if k != "texts"}
         retimed += 1
     result["timing_retimed_by"] = settings.command
@@ -622,13 +620,17 @@ def _sweep_texts_from_table(store: Store, model: str, task: str, config: str, re
     """The test sweep's texts of the first ``n`` prompts at each timed λ, from the loss table if it is here."""
     from ltt_exit.loss_table import LossTable
 
-    tables = sorted(store.table_stem(model, task, config, "test").parent.glob(
-        store.table_stem(model, task, config, "test").name + "__*.parquet"))
-    matching = [LossTable.load(p) for p in tables]
+    stem = store.table_stem(model, task, config, "test")
+    matching = [LossTable.load(p) for p in sorted(stem.parent.glob(stem.name + "__*.parquet"))]
     matching = [t for t in matching if t.n == result["task"]["n_test"]]
     if len(matching) != 1:
         return None
     return _sweep_texts(matching[0], result["lambdas"], result["timing"].keys(), n)
+
+
+def _share_same(recorded: list[str] | None, texts: list[str]) -> float | None:
+    """Share of the timed prompts whose fast-path text equals the sweep's (None: the sweep's texts unknown)."""
+    return None if recorded is None else float(np.mean([a == b for a, b in zip(recorded, texts)]))
 
 
 def _sweep_texts(table, lambdas: list[float], keys, n: int) -> dict[str, list[str]]:
@@ -714,7 +716,7 @@ def run_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dic
         # texts stay in the JSON so that a later call can time again elsewhere without the loss table
         swept_texts = _sweep_texts(tables["test"], result["lambdas"], timings.keys(), len(time_prompts))
         for key, timing in timings.items():
-            timing["same_text_as_sweep"] = float(np.mean([a == b for a, b in zip(swept_texts[key], timing["texts"])]))
+            timing["same_text_as_sweep"] = _share_same(swept_texts[key], timing["texts"])
     summary = {
         "version": RESULT_VERSION,
         "identity": {"model": spec.label, "task": task.name, "configuration": config.slug,
