@@ -29,26 +29,30 @@ sys.exit(0 if g > r else 1)"; then DECODING=grid; fi
 log "sweep decoding: $DECODING"
 
 # 2. the table. First the timings of finished rows whose λ = 1 timing came from another machine (--retime:
-#    cheap, no sweep), then what is still missing, most informative first: the reduction "none" (most of a call
-#    per task: every layer's full head is read), the exit-ready model in bf16 with timings, the contrastive
-#    scorers with fixed and none, the exit-ready model's contrastive rows. Finished stages are skipped in
-#    seconds without loading the model; each call goes as far as it can and the next one resumes.
+#    cheap, no sweep), then what is still missing, most informative first: the exit-ready model in bf16 with
+#    timings (question 3 in wall clock; its CPU rows are float32 and untimed), the reduction "none" on the
+#    tasks without it, then on the two swept on the CPU (most of a call per task: every consulted layer reads
+#    the full head), the exit-ready model's fixed pruning, the contrastive scorers with fixed and none, the
+#    exit-ready model's contrastive rows. Finished stages are skipped in seconds without loading the model;
+#    each call goes as far as it can and the next one resumes. Stage: model|scorers|reductions|tasks|extra.
 [ -d /tmp/study_out ] || cp -r benchmarks/results/study_table /tmp/study_out
 TABLE="--device cuda --dtype bfloat16 --data-dir /tmp/study-data --n-test 50 --n-time 10 --sweep-decoding $DECODING
   --max-new-tokens squad=24,samsum=32,xsum=32,cnn-dailymail=64,iwslt2017-en-de=48 --quiet --no-report --out /tmp/study_out"
 TASKS=squad,samsum,iwslt2017-en-de,xsum,cnn-dailymail
 ALL_SCORERS=softmax-margin,weighted-contrastive,jsd-contrastive
-for stage in "smollm2-135m=$GGUF|$ALL_SCORERS|none,fixed,decaying|--retime" \
-             "smollm2-135m=$GGUF|softmax-margin|decaying,fixed" \
-             "smollm2-135m=$GGUF|weighted-contrastive,jsd-contrastive|decaying" \
-             "smollm2-135m=$GGUF|softmax-margin|none" \
-             "smollm2-135m-exit=smollm2-135m-exit|softmax-margin|decaying,fixed" \
-             "smollm2-135m=$GGUF|weighted-contrastive,jsd-contrastive|fixed,none" \
-             "smollm2-135m-exit=smollm2-135m-exit|weighted-contrastive,jsd-contrastive|decaying"; do
-  IFS='|' read -r model scorers reductions extra <<< "$stage"
+FROZEN="smollm2-135m=$GGUF"; EXIT_READY=smollm2-135m-exit=smollm2-135m-exit
+for stage in "$FROZEN|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime" \
+             "$FROZEN|softmax-margin|decaying,fixed|$TASKS|" \
+             "$FROZEN|weighted-contrastive,jsd-contrastive|decaying|$TASKS|" \
+             "$EXIT_READY|softmax-margin|decaying|$TASKS|" \
+             "$FROZEN|softmax-margin|none|samsum,xsum,cnn-dailymail,squad,iwslt2017-en-de|" \
+             "$EXIT_READY|softmax-margin|fixed|$TASKS|" \
+             "$FROZEN|weighted-contrastive,jsd-contrastive|fixed,none|$TASKS|" \
+             "$EXIT_READY|weighted-contrastive,jsd-contrastive|decaying|$TASKS|"; do
+  IFS='|' read -r model scorers reductions tasks extra <<< "$stage"
   [ "$(left)" -gt 90 ] || break
-  log "table: $model / $scorers / $reductions $extra"
-  python3 benchmarks/study_table.py --models $model --tasks $TASKS --scorers $scorers --reductions $reductions \
+  log "table: $model / $scorers / $reductions / $tasks $extra"
+  python3 benchmarks/study_table.py --models $model --tasks $tasks --scorers $scorers --reductions $reductions \
     $TABLE $extra --time-budget $(( $(left) - 40 )) >> $OUT/study.log 2>&1
   status=$?; tail -2 $OUT/study.log
   [ $status -eq 3 ] && break  # the time budget stopped it: the next call resumes this stage
