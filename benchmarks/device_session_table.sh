@@ -28,20 +28,21 @@ g, r = (json.load(open(f'$OUT/{n}_gpu.json'))['prompt_steps_per_second'] for n i
 sys.exit(0 if g > r else 1)"; then DECODING=grid; fi
 log "sweep decoding: $DECODING"
 
-# 2. the table. First the timings of finished rows whose λ = 1 timing came from another machine (--retime:
-#    cheap, no sweep), then what is still missing, most informative first: the exit-ready model in bf16 with
-#    timings (question 3 in wall clock; its CPU rows are float32 and untimed), the reduction "none" on the
-#    tasks without it, then on the two swept on the CPU (most of a call per task: every consulted layer reads
-#    the full head), the exit-ready model's fixed pruning, the contrastive scorers with fixed and none, the
-#    exit-ready model's contrastive rows. Finished stages are skipped in seconds without loading the model;
-#    each call goes as far as it can and the next one resumes. Stage: model|scorers|reductions|tasks|extra.
+# 2. the table. First the timings (--retime, no sweep) of finished rows whose λ = 1 timing came from another
+#    machine or that were timed on this GPU model with one pass (all before the eighth session): three passes,
+#    median kept; about 100 timings x ~12 s on the H200, so two calls. Then the stages in the order they were
+#    added (finished ones are skipped in seconds without loading the model): the frozen model's margin and
+#    contrastive rows, the exit-ready model's margin rows in bf16 with timings, the reduction "none", the
+#    exit-ready model's fixed pruning (XSum and CNN/DM still to do after the eighth session), the contrastive
+#    scorers with fixed and none, the exit-ready model's contrastive rows. Each call goes as far as it can and
+#    the next one resumes. Stage: models|scorers|reductions|tasks|extra arguments.
 [ -d /tmp/study_out ] || cp -r benchmarks/results/study_table /tmp/study_out
 TABLE="--device cuda --dtype bfloat16 --data-dir /tmp/study-data --n-test 50 --n-time 10 --sweep-decoding $DECODING
   --max-new-tokens squad=24,samsum=32,xsum=32,cnn-dailymail=64,iwslt2017-en-de=48 --quiet --no-report --out /tmp/study_out"
 TASKS=squad,samsum,iwslt2017-en-de,xsum,cnn-dailymail
 ALL_SCORERS=softmax-margin,weighted-contrastive,jsd-contrastive
 FROZEN="smollm2-135m=$GGUF"; EXIT_READY=smollm2-135m-exit=smollm2-135m-exit
-for stage in "$FROZEN|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime" \
+for stage in "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime" \
              "$FROZEN|softmax-margin|decaying,fixed|$TASKS|" \
              "$FROZEN|weighted-contrastive,jsd-contrastive|decaying|$TASKS|" \
              "$EXIT_READY|softmax-margin|decaying|$TASKS|" \

@@ -133,11 +133,14 @@ def parser() -> argparse.ArgumentParser:
                         "same outputs either way: cached tables and finished configurations are reused across it")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fused exit decision of the timed fast path (CUDA; slow first call)")
+    p.add_argument("--time-passes", type=int, default=3,
+                   help="timed passes over the --n-time prompts per timing, after an untimed warm-up; the runtime "
+                        "is their median (default 3; a stored timing with fewer passes is timed again)")
     p.add_argument("--retime", action="store_true",
                    help="sweep nothing; revisit the finished configurations whose batch-1 timings were not all "
-                        "made on one machine (a λ = 1 timing kept from another GPU) and time again here those made "
-                        "elsewhere, so that each row's runtimes at λ̂ and at λ = 1 compare (sweeps and "
-                        "certificates stay)")
+                        "made on one machine (a λ = 1 timing kept from another GPU) or were made here with fewer "
+                        "than --time-passes passes, and time those again here, so that each row's runtimes at λ̂ "
+                        "and at λ = 1 compare (sweeps and certificates stay)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop cleanly before this many seconds from the start (exit status 3); run again to resume")
@@ -150,7 +153,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--docs-dir", type=Path, default=ROOT / "docs", help="where the frontier PNGs go (default docs/)")
     p.add_argument("--no-report", action="store_true",
                    help="compute (and write rows.json) only; leave the doc and the plots alone")
-    p.add_argument("--report-only", action="store_true", help="rebuild the doc and the plots from --out only")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild rows.json, the doc and the plots from the results under --out (no model loaded)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -164,6 +168,7 @@ def settings_from(args, command: str | None = None) -> core.StudySettings:
                               n_time=args.n_time, grid=args.grid, deltas=args.deltas, cost=args.cost,
                               batch_prompts=args.batch_prompts, compile_decision=args.compile,
                               sweep_decoding=args.sweep_decoding, retime=args.retime,
+                              time_passes=args.time_passes,
                               progress=not args.quiet, command=command)
 
 
@@ -224,7 +229,10 @@ def main(argv=None, *, loader=None, tasks: dict | None = None, clock=time.monoto
     command = "python benchmarks/study_table.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.report_only:  # keep the command and state of the call that computed the results
         previous = core.Store.read(args.out / "rows.json") or {}
-        write_report(args, complete=previous.get("complete", True), command=previous.get("command", command))
+        complete, command = previous.get("complete", True), previous.get("command", command)
+        # rows.json too: configurations copied in from another machine's run must not leave it stale
+        write_rows(args, complete, command)
+        write_report(args, complete, command)
         return 0
     try:
         if any(not 0 < d < 1 for d in args.deltas):
@@ -233,6 +241,8 @@ def main(argv=None, *, loader=None, tasks: dict | None = None, clock=time.monoto
             raise ValueError(f"--grid must be strictly decreasing (most conservative first), got {args.grid}")
         if args.n_time < 0:
             raise ValueError(f"--n-time must be ≥ 0, got {args.n_time}")
+        if args.time_passes < 1:
+            raise ValueError(f"--time-passes must be ≥ 1, got {args.time_passes}")
         if args.batch_prompts is not None and args.batch_prompts < 1:
             raise ValueError(f"--batch-prompts must be ≥ 1, got {args.batch_prompts}")
         specs = model_specs(args)

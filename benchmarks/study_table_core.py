@@ -429,11 +429,15 @@ def hardware(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: int) -> dict[str, Any]:
-    """Wall clock of decoding ``prompts`` one at a time (batch 1) at ``threshold``.
+def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: int,
+                passes: int = 1) -> dict[str, Any]:
+    """Wall clock of decoding ``prompts`` one at a time (batch 1) at ``threshold``: the median of ``passes``
+    timed passes over all of them (each pass's seconds kept in ``runtime_passes_s``).
 
     On CUDA every cache-length bucket of the fast path is warmed once untimed first (graph capture is a
-    one-off per bucket, not decode time), and the device is synchronised around the timed loop.
+    one-off per bucket, not decode time), and the device is synchronised around each timed pass. One pass of
+    ten short prompts moved by up to a quarter between processes on the same GPU model (docs/benchmarks.md),
+    hence several passes and their median.
     """
     import torch
 
@@ -447,14 +451,20 @@ def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: i
         for prompt in warmed.values():
             decoder.generate([prompt], threshold=threshold, max_new_tokens=max_new_tokens)
         torch.cuda.synchronize()
-    outputs = []
-    start = time.perf_counter()
-    for prompt in prompts:
-        outputs.append(decoder.generate([prompt], threshold=threshold, max_new_tokens=max_new_tokens)[0])
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    if passes < 1:
+        raise ValueError(f"passes must be ≥ 1, got {passes}")
+    pass_seconds = []
+    for _ in range(passes):
+        outputs = []
+        start = time.perf_counter()
+        for prompt in prompts:
+            outputs.append(decoder.generate([prompt], threshold=threshold, max_new_tokens=max_new_tokens)[0])
+        if cuda:
+            torch.cuda.synchronize()
+        pass_seconds.append(time.perf_counter() - start)
+    seconds = float(np.median(pass_seconds))
     return {"lambda": threshold, "n": len(prompts), "runtime_s": seconds, "samples_per_s": len(prompts) / seconds,
+            "runtime_passes_s": pass_seconds,
             "tokens": int(sum(len(o.token_ids) for o in outputs)),
             "mean_exit_layer": float(np.mean([x for o in outputs for x in o.exit_layers]))
             if any(o.exit_layers for o in outputs) else float("nan"),
@@ -500,6 +510,9 @@ class StudySettings:
     #: instead of sweeping what is not done: for finished configurations whose timings come from different
     #: machines, time again on this machine those not made here (the sweep and the certificates stay)
     retime: bool = False
+    #: timed passes over the n_time prompts per timing (their median is the runtime); a stored timing with
+    #: fewer passes is timed again, and --retime revisits the configurations that have one
+    time_passes: int = 3
     #: the computing call's command line, recorded in each configuration's JSON (not part of its identity)
     command: str | None = None
 
@@ -555,8 +568,10 @@ def run_study(models: list[ModelSpec], tasks: list[Task], configs: list[Configur
             for config in model_configurations(configs, adapters):
                 done = _complete(store, spec.label, task, config.slug, settings)
                 counts["done_before"] += done
-                if settings.retime:  # only finished configurations, and only those timed on several machines
-                    if not (done and _timed_apart(store.read(store.config_path(spec.label, task.name, config.slug)))):
+                if settings.retime:  # only finished configurations timed on several machines or too few times
+                    here = hardware(loaded.device) if loaded is not None else None
+                    result = store.read(store.config_path(spec.label, task.name, config.slug))
+                    if not (done and _to_retime(result, here, settings.time_passes)):
                         continue
                 elif done:
                     continue
@@ -587,10 +602,18 @@ def _timed_apart(result: dict | None) -> bool:
     return len({t.get("hardware", t.get("device")) for t in timing.values()}) > 1
 
 
+def _to_retime(result: dict | None, here: str | None, passes: int) -> bool:
+    """Whether ``--retime`` revisits a finished configuration: its timings come from several machines, or one
+    of them was made on this machine (``here``; None: not known yet) with fewer than ``passes`` passes."""
+    timing = (result or {}).get("timing", {})
+    return _timed_apart(result) or any(
+        _passes(t) < passes and (here is None or t.get("hardware", t.get("device")) == here) for t in timing.values())
+
+
 def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dict, config: Configuration,
                          settings: StudySettings, store: Store, budget: Budget) -> int:
-    """Time again, on this machine, the timings of a finished configuration that were made elsewhere, so that
-    its runtime at λ̂ and at λ = 1 compare; returns how many. The sweep's texts of the timed prompts (kept in
+    """Time again, on this machine, the timings of a finished configuration that were made elsewhere or with
+    fewer than ``settings.time_passes`` passes, so that its runtime at λ̂ and at λ = 1 compare; returns how many. The sweep's texts of the timed prompts (kept in
     the JSON since they were recorded, else read from the test split's loss table when it is at hand) say
     whether the fast path still reproduces the sweep; without either the agreement is left unknown (None)."""
     path = store.config_path(spec.label, task.name, config.slug)
@@ -602,7 +625,7 @@ def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: 
                                                                       result, len(prompts))
     retimed = 0
     for key, old in result["timing"].items():
-        if old.get("hardware", old.get("device")) == here:
+        if old.get("hardware", old.get("device")) == here and _passes(old) >= settings.time_passes:
             continue
         lam = float(key)
         full = key == "1"
@@ -755,11 +778,17 @@ def _timed(store: Store, model: str, task: str, what: str, lam: float, loaded, a
                 "dtype": str(loaded.dtype),
                 "prompts_sha256": hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()}
     cached = store.read(path)
-    if cached is not None and all(cached.get(k) == v for k, v in identity.items()):
-        return cached  # the same prompts, budget, device and dtype were timed by an earlier call
+    if (cached is not None and all(cached.get(k) == v for k, v in identity.items())
+            and _passes(cached) >= settings.time_passes):
+        return cached  # the same prompts, budget, device and dtype were timed (as often) by an earlier call
     full = store.read(store.timing_path(model, task, "full", 1.0))
-    budget.check(2.0 * full["runtime_s"] if full else 0.0, f"timing {what} at λ = {lam:g}")
+    budget.check((1 + settings.time_passes) * full["runtime_s"] if full else 0.0, f"timing {what} at λ = {lam:g}")
     decoder = fast_decoder(loaded.model, loaded.tokenizer, config, adapters, settings.compile_decision)
-    result = time_batch1(decoder, prompts, lam, tokens) | identity
+    result = time_batch1(decoder, prompts, lam, tokens, passes=settings.time_passes) | identity
     store.write(path, result)
     return result
+
+
+def _passes(timing: dict) -> int:
+    """Timed passes behind a stored timing (those written before passes were recorded made one)."""
+    return len(timing.get("runtime_passes_s") or [None])

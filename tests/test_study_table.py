@@ -4,6 +4,7 @@ tables, and its refusals of bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -183,6 +184,64 @@ def test_runtimes_from_different_machines_are_marked_and_retime_makes_them_compa
         assert timing["same_text_as_sweep"] == (None if drop_tables else 1.0)
 
 
+class _CountingDecoder:
+    """A decoder whose every generate() call takes one tick of a fake clock; counts calls."""
+
+    def __init__(self):
+        import torch
+
+        self.backend = type("B", (), {"device": torch.device("cpu")})()
+        self.tokenizer = None
+        self.calls = 0
+
+    def generate(self, prompts, threshold, max_new_tokens):
+        self.calls += 1
+        return [type("O", (), {"token_ids": [1, 2], "exit_layers": [3, 4], "text": "ab"})()]
+
+
+def test_batch1_timing_is_the_median_of_its_passes(monkeypatch):
+    ticks = iter([0.0, 1.0, 10.0, 15.0, 20.0, 22.0])  # passes of 1, 5 and 2 seconds
+    monkeypatch.setattr(core.time, "perf_counter", lambda: next(ticks))
+    decoder = _CountingDecoder()
+    timing = core.time_batch1(decoder, ["p", "q"], 0.9, 4, passes=3)
+    assert decoder.calls == 6  # every prompt in every pass
+    assert timing["runtime_passes_s"] == [1.0, 5.0, 2.0] and timing["runtime_s"] == 2.0
+    assert timing["samples_per_s"] == 1.0 and timing["tokens"] == 4 and timing["mean_exit_layer"] == 3.5
+    with pytest.raises(ValueError, match="passes"):
+        core.time_batch1(decoder, ["p"], 0.9, 4, passes=0)
+
+
+def test_retime_times_again_what_was_timed_here_with_too_few_passes(tmp_path):
+    task = _tiny_task(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(out, tmp_path, "--deltas", "0.9", "--grid", "1,0.5,0.2,0", "--scorers", "softmax-margin",
+                 "--reductions", "none", "--time-passes", "2")
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    path = next((out / "configs").glob("*.json"))
+    result = json.loads(path.read_text())
+    assert all(len(t["runtime_passes_s"]) == 2 for t in result["timing"].values())
+    # as an older call left it: one pass, nothing recorded about passes
+    for key, timing in result["timing"].items():
+        timing.pop("runtime_passes_s")
+        timing["runtime_s"] = 999.0
+    path.write_text(json.dumps(result))
+    for stored in (out / "timing").glob("*.json"):
+        stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items()
+                                      if k != "runtime_passes_s"}))
+    # asking for one pass: nothing to do; a plain rerun never re-times a finished configuration
+    assert study_table.main([*argv, "--retime", "--time-passes", "1"], loader=_loader, tasks={"tiny": task}) == 0
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    assert all(t["runtime_s"] == 999.0 for t in json.loads(path.read_text())["timing"].values())
+    assert study_table.main([*argv, "--retime"], loader=_loader, tasks={"tiny": task}) == 0
+    after = json.loads(path.read_text())
+    assert set(after["timing"]) == set(result["timing"])
+    for timing in after["timing"].values():
+        assert len(timing["runtime_passes_s"]) == 2 and timing["runtime_s"] < 999.0
+        assert timing["runtime_s"] == pytest.approx(float(np.median(timing["runtime_passes_s"])))
+    assert after["certificates"] == result["certificates"] and after["test"] == result["test"]
+    assert study_table.main(["--time-passes", "0", *argv[:-2]], loader=_loader, tasks={"tiny": task}) == 2
+
+
 def test_the_rows_sweep_on_the_fast_path_gives_the_grid_sweeps_rows(uninterrupted, tmp_path):
     folder, task, out, status = uninterrupted
     rows_out = tmp_path / "out"
@@ -231,6 +290,21 @@ def test_rows_doc_and_plots_of_a_full_run(uninterrupted):
     rebuilt = (folder / "bench.md").read_text()
     assert "--batch-prompts 2" in rebuilt and "--report-only" not in rebuilt
     assert "| tiny | fixed k=16 (j=1) | weighted-contrastive | textual | 0.2 | 1 (none) |" in rebuilt
+
+
+def test_report_only_rebuilds_rows_json_from_the_configurations_present(uninterrupted, tmp_path):
+    # results copied in from a device run replace configuration JSONs; rows.json must follow them
+    folder, task, out, status = uninterrupted
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / "rows.json").read_text())
+    dropped = sorted((copy / "configs").glob("*.json"))[0]
+    dropped.unlink()
+    assert study_table.main(["--report-only", "--out", str(copy), "--doc", str(tmp_path / "bench.md"),
+                             "--docs-dir", str(tmp_path / "plots")]) == 0
+    after = json.loads((copy / "rows.json").read_text())
+    assert len(after["rows"]) == len(before["rows"]) - 4  # one configuration: 2 losses × 2 δ
+    assert after["command"] == before["command"] and after["complete"] == before["complete"]
 
 
 def test_task_block_says_how_its_rows_were_swept_and_timed(uninterrupted):
