@@ -43,6 +43,9 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "flops_ratio": cert["flops_ratio"], "cal_risk": cert["cal_risk"], "test_risk": cert["test_risk"],
                 "runtime_s": at["runtime_s"] if at else None, "samples_per_s": at["samples_per_s"] if at else None,
                 "runtime_full_s": full_time["runtime_s"] if full_time else None,
+                # each timed pass's seconds (timings older than passes: one pass, not recorded)
+                "runtime_passes_s": (at or {}).get("runtime_passes_s"),
+                "runtime_full_passes_s": (full_time or {}).get("runtime_passes_s"),
                 "samples_per_s_full": full_time["samples_per_s"] if full_time else None,
                 "n_time": r.get("n_time"), "metrics": r["task"]["metrics"],
                 # results written before the loss's metric was recorded: the recipes' metric is the first declared
@@ -184,6 +187,7 @@ def _answer_wall_clock(rows):
             by_reduction[r["reduction_kind"]].append(r["runtime_s"] / r["runtime_full_s"])
         out.append("Median runtime ratio by reduction: " + ", ".join(
             f"{k} {np.median(v):.2f} ({len(v)} rows)" for k, v in sorted(by_reduction.items())) + ".")
+        out.extend(_timing_spread(timed))
     if apart:
         out.append(f"Left out: {len(apart)} timed rows with λ̂ < 1 (‡) whose λ̂ and λ = 1 runtimes were measured on "
                    "different machines.")
@@ -217,6 +221,25 @@ def _answer_wall_clock(rows):
         out.append(f"Test risk above δ in {len(over)} of {len(rows)} rows (each certification may fail with "
                    "probability ε = 0.05).")
     return out + [""]
+
+
+def _timing_spread(timed: list[dict]) -> list[str]:
+    """How many timed rows' sides (slower or faster than λ = 1) hold in every pass, and how many rest on one."""
+    def several(r):
+        return len(r.get("runtime_passes_s") or []) > 1 and len(r.get("runtime_full_passes_s") or []) > 1
+
+    passes = [r for r in timed if several(r)]
+    out = []
+    if passes:
+        slower = sum(min(r["runtime_passes_s"]) > max(r["runtime_full_passes_s"]) for r in passes)
+        faster = sum(max(r["runtime_passes_s"]) < min(r["runtime_full_passes_s"]) for r in passes)
+        out.append(f"Of the {len(passes)} rows timed with several passes, {slower} were slower in every pass than "
+                   f"in any pass at λ = 1, {faster} faster in every pass, {len(passes) - slower - faster} within "
+                   "the passes' spread.")
+    if len(timed) > len(passes):
+        out.append(f"{len(timed) - len(passes)} of these rows rest on one timed pass at λ̂ or at λ = 1: a single "
+                   "row's ratio near 1 does not say on which side it falls.")
+    return out
 
 
 def _answer_contrastive(rows):

@@ -79,7 +79,8 @@ class TickClock:
         return self.now
 
 
-TIMING_FIELDS = ("runtime_s", "samples_per_s", "runtime_full_s", "samples_per_s_full")
+TIMING_FIELDS = ("runtime_s", "samples_per_s", "runtime_full_s", "samples_per_s_full", "runtime_passes_s",
+                 "runtime_full_passes_s")
 
 
 def _rows(out: Path) -> list[dict]:
@@ -209,6 +210,27 @@ def test_batch1_timing_is_the_median_of_its_passes(monkeypatch):
     assert timing["samples_per_s"] == 1.0 and timing["tokens"] == 4 and timing["mean_exit_layer"] == 3.5
     with pytest.raises(ValueError, match="passes"):
         core.time_batch1(decoder, ["p"], 0.9, 4, passes=0)
+
+
+def test_question_1_says_which_sides_hold_in_every_timed_pass():
+    def row(at, full):
+        return {"model": "m", "task": "t", "reduction": "decaying", "reduction_kind": "decaying", "scorer": "s",
+                "loss": "risk", "delta": 0.1, "lambda_hat": 0.9, "metrics": ["rouge-l"], "risk_metric": "rouge-l",
+                "test_risk": 0.05,
+                "metric_early": {"rouge-l": 0.2}, "metric_full": {"rouge-l": 0.21}, "cal_metric_full": {"rouge-l": 0.2},
+                "timing_device": "gpu", "timing_device_at": "gpu",
+                "runtime_s": float(np.median(at)), "runtime_full_s": float(np.median(full)),
+                "runtime_passes_s": at if len(at) > 1 else None, "runtime_full_passes_s": full if len(full) > 1 else None}
+
+    rows = [row([2.0, 2.1, 2.2], [1.0, 1.1, 1.2]),   # slower in every pass
+            row([0.5, 0.6, 0.7], [1.0, 1.1, 1.2]),   # faster in every pass
+            row([1.0, 1.3, 1.15], [1.1, 1.0, 1.2]),  # slower by the median only: within the spread
+            row([1.3], [1.0, 1.1, 1.2])]             # one pass at λ̂
+    text = "\n".join(report._answer_wall_clock(rows))
+    assert "Of 4 rows with a certified λ̂ < 1, 3 ran slower" in text
+    assert ("Of the 3 rows timed with several passes, 1 were slower in every pass than in any pass at λ = 1, "
+            "1 faster in every pass, 1 within the passes' spread.") in text
+    assert "1 of these rows rest on one timed pass" in text
 
 
 def test_retime_times_again_what_was_timed_here_with_too_few_passes(tmp_path):
