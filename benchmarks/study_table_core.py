@@ -441,6 +441,8 @@ def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: i
     """
     import torch
 
+    if passes < 1:
+        raise ValueError(f"passes must be ≥ 1, got {passes}")
     cuda = decoder.backend.device.type == "cuda"
     if cuda:
         bucket = getattr(decoder, "length_bucket", 1)
@@ -451,8 +453,6 @@ def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: i
         for prompt in warmed.values():
             decoder.generate([prompt], threshold=threshold, max_new_tokens=max_new_tokens)
         torch.cuda.synchronize()
-    if passes < 1:
-        raise ValueError(f"passes must be ≥ 1, got {passes}")
     pass_seconds = []
     for _ in range(passes):
         outputs = []
@@ -612,13 +612,16 @@ def _to_retime(result: dict | None, here: str | None, passes: int) -> bool:
 
 def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dict, config: Configuration,
                          settings: StudySettings, store: Store, budget: Budget) -> int:
-    """Time again, on this machine, the timings of a finished configuration that were made elsewhere or with
-    fewer than ``settings.time_passes`` passes, so that its runtime at λ̂ and at λ = 1 compare; returns how many. The sweep's texts of the timed prompts (kept in
-    the JSON since they were recorded, else read from the test split's loss table when it is at hand) say
-    whether the fast path still reproduces the sweep; without either the agreement is left unknown (None)."""
+    """Time again, on this machine, the timings of a finished configuration that were made elsewhere or here
+    with fewer than ``settings.time_passes`` passes, so that its runtime at λ̂ and at λ = 1 compare; returns
+    how many. The sweep's texts of the timed prompts (kept in the JSON since they were recorded, else read from
+    the test split's loss table when it is at hand) say whether the fast path still reproduces the sweep;
+    without either the agreement is left unknown (None)."""
     path = store.config_path(spec.label, task.name, config.slug)
     result = store.read(path)
     here = hardware(loaded.device)
+    if not _to_retime(result, here, settings.time_passes):
+        return 0  # chosen before the machine was known: timed on one other machine only, nothing to compare
     tokens = result["task"]["max_new_tokens"]
     prompts = [e.prompt for e in splits["test"].examples[: result["n_time"]]]
     swept = result.get("sweep_texts_timed") or _sweep_texts_from_table(store, spec.label, task.name, config.slug,
