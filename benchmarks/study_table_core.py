@@ -599,7 +599,12 @@ def run_study(models: list[ModelSpec], tasks: list[Task], configs: list[Configur
 def _timed_apart(result: dict | None) -> bool:
     """Whether a configuration's batch-1 timings (λ = 1 and each λ̂) were not all measured on one machine."""
     timing = (result or {}).get("timing", {})
-    return len({t.get("hardware", t.get("device")) for t in timing.values()}) > 1
+    return len({_machine_of(t) for t in timing.values()}) > 1
+
+
+def _machine_of(timing: dict) -> str | None:
+    """The GPU model a timing ran on ("cpu" on the CPU; timings older than the field: the device)."""
+    return timing.get("hardware", timing.get("device"))
 
 
 def _to_retime(result: dict | None, here: str | None, passes: int) -> bool:
@@ -607,7 +612,7 @@ def _to_retime(result: dict | None, here: str | None, passes: int) -> bool:
     of them was made on this machine (``here``; None: not known yet) with fewer than ``passes`` passes."""
     timing = (result or {}).get("timing", {})
     return _timed_apart(result) or any(
-        _passes(t) < passes and (here is None or t.get("hardware", t.get("device")) == here) for t in timing.values())
+        _passes(t) < passes and (here is None or _machine_of(t) == here) for t in timing.values())
 
 
 def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dict, config: Configuration,
@@ -628,7 +633,7 @@ def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: 
                                                                       result, len(prompts))
     retimed = 0
     for key, old in result["timing"].items():
-        if old.get("hardware", old.get("device")) == here and _passes(old) >= settings.time_passes:
+        if _machine_of(old) == here and _passes(old) >= settings.time_passes:
             continue
         lam = float(key)
         full = key == "1"
