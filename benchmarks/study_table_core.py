@@ -791,10 +791,31 @@ def _timed(store: Store, model: str, task: str, what: str, lam: float, loaded, a
         return cached  # the same prompts, budget, device and dtype were timed (as often) by an earlier call
     full = store.read(store.timing_path(model, task, "full", 1.0))
     budget.check((1 + settings.time_passes) * full["runtime_s"] if full else 0.0, f"timing {what} at λ = {lam:g}")
-    decoder = fast_decoder(loaded.model, loaded.tokenizer, config, adapters, settings.compile_decision)
+    decoder = _timing_decoder(loaded, adapters, config, settings.compile_decision)
     result = time_batch1(decoder, prompts, lam, tokens, passes=settings.time_passes) | identity
     store.write(path, result)
     return result
+
+
+#: the batch-1 timing decoders of this process, most recently used last: the λ̂ timings of one configuration
+#: (and a task's λ = 1 timings) share one decoder, so its sessions' CUDA graphs are captured once rather than
+#: once per λ (the thresholds live in the sessions' buffers; the graphs do not depend on them)
+_TIMING_DECODERS: list[tuple[tuple, Any]] = []
+TIMING_DECODERS_KEPT = 2  # the λ = 1 decoder and the current configuration's
+
+
+def _timing_decoder(loaded, adapters, config: Configuration | None, compile_decision: bool):
+    """The fast decoder that times ``config`` (None: the full model) on ``loaded``, reused while kept."""
+    # the entry holds the decoder, which holds the model and adapters: their ids cannot be reused meanwhile
+    key = (id(loaded.model), id(adapters) if config is not None else None, config, bool(compile_decision))
+    for index, (kept_key, decoder) in enumerate(_TIMING_DECODERS):
+        if kept_key == key:
+            _TIMING_DECODERS.append(_TIMING_DECODERS.pop(index))
+            return decoder
+    decoder = fast_decoder(loaded.model, loaded.tokenizer, config, adapters, compile_decision)
+    _TIMING_DECODERS.append((key, decoder))
+    del _TIMING_DECODERS[:-TIMING_DECODERS_KEPT]
+    return decoder
 
 
 def _passes(timing: dict) -> int:

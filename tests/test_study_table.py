@@ -212,6 +212,28 @@ def test_batch1_timing_is_the_median_of_its_passes(monkeypatch):
         core.time_batch1(decoder, ["p"], 0.9, 4, passes=0)
 
 
+def test_timings_of_one_configuration_share_one_decoder(monkeypatch):
+    # a configuration's λ̂ timings reuse the decoder (its CUDA graphs are captured once, not once per λ); another
+    # configuration or model gets its own, and only the λ = 1 decoder and the current one are kept
+    built = []
+    monkeypatch.setattr(core, "fast_decoder", lambda model, tok, config, adapters, compile: built.append(config)
+                        or object())
+    monkeypatch.setattr(core, "_TIMING_DECODERS", [])
+    loaded = type("L", (), {"model": object(), "tokenizer": None})()
+    other = type("L", (), {"model": object(), "tokenizer": None})()
+    margin = core.Configuration("softmax-margin", core.reductions(["none"], 1000, (1000, 10))[0], 15)
+    fixed = core.Configuration("softmax-margin", core.reductions(["fixed"], 1000, (1000, 10))[0], 15)
+    full = core._timing_decoder(loaded, None, None, False)
+    first = core._timing_decoder(loaded, None, margin, False)
+    assert core._timing_decoder(loaded, None, margin, False) is first
+    assert core._timing_decoder(loaded, None, None, False) is full
+    assert core._timing_decoder(loaded, None, fixed, False) is not first
+    assert core._timing_decoder(other, None, fixed, False) is not core._timing_decoder(loaded, None, fixed, False)
+    assert len(core._TIMING_DECODERS) == core.TIMING_DECODERS_KEPT
+    assert core._timing_decoder(loaded, None, margin, False) is not first  # dropped meanwhile, built again
+    assert built == [None, margin, fixed, fixed, margin]
+
+
 def test_question_1_says_which_sides_hold_in_every_timed_pass():
     def row(at, full):
         return {"model": "m", "task": "t", "reduction": "decaying", "reduction_kind": "decaying", "scorer": "s",
