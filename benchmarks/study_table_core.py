@@ -13,6 +13,7 @@ lookups in one table, so no second decode of the test split is needed for any (Î
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -437,7 +438,10 @@ def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: i
     On CUDA every cache-length bucket of the fast path is warmed once untimed first (graph capture is a
     one-off per bucket, not decode time), and the device is synchronised around each timed pass. One pass of
     ten short prompts moved by up to a quarter between processes on the same GPU model (docs/benchmarks.md),
-    hence several passes and their median.
+    hence several passes and their median. As ``timeit`` does, the garbage left by what ran before (a sweep's
+    tables and records) is collected first and the collector is off while passes are timed: the first pass
+    after a sweep ran 15â€“31 % slower than the next two (docs/study_table.md), and a collection of that garbage
+    falling inside a pass is one cause that does not belong to decoding.
     """
     import torch
 
@@ -454,14 +458,21 @@ def time_batch1(decoder, prompts: list[str], threshold: float, max_new_tokens: i
             decoder.generate([prompt], threshold=threshold, max_new_tokens=max_new_tokens)
         torch.cuda.synchronize()
     pass_seconds = []
-    for _ in range(passes):
-        outputs = []
-        start = time.perf_counter()
-        for prompt in prompts:
-            outputs.append(decoder.generate([prompt], threshold=threshold, max_new_tokens=max_new_tokens)[0])
-        if cuda:
-            torch.cuda.synchronize()
-        pass_seconds.append(time.perf_counter() - start)
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(passes):
+            outputs = []
+            start = time.perf_counter()
+            for prompt in prompts:
+                outputs.append(decoder.generate([prompt], threshold=threshold, max_new_tokens=max_new_tokens)[0])
+            if cuda:
+                torch.cuda.synchronize()
+            pass_seconds.append(time.perf_counter() - start)
+    finally:
+        if collecting:
+            gc.enable()
     seconds = float(np.median(pass_seconds))
     return {"lambda": threshold, "n": len(prompts), "runtime_s": seconds, "samples_per_s": len(prompts) / seconds,
             "runtime_passes_s": pass_seconds,

@@ -3,6 +3,7 @@ task (rows, resume after an interruption, the doc section and the plots), its lo
 tables, and its refusals of bad input."""
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -194,9 +195,13 @@ class _CountingDecoder:
         self.backend = type("B", (), {"device": torch.device("cpu")})()
         self.tokenizer = None
         self.calls = 0
+        self.collector_on = []
 
     def generate(self, prompts, threshold, max_new_tokens):
+        import gc
+
         self.calls += 1
+        self.collector_on.append(gc.isenabled())
         return [type("O", (), {"token_ids": [1, 2], "exit_layers": [3, 4], "text": "ab"})()]
 
 
@@ -206,6 +211,8 @@ def test_batch1_timing_is_the_median_of_its_passes(monkeypatch):
     decoder = _CountingDecoder()
     timing = core.time_batch1(decoder, ["p", "q"], 0.9, 4, passes=3)
     assert decoder.calls == 6  # every prompt in every pass
+    # the garbage collector stays out of the timed passes, as timeit keeps it, and is on again afterwards
+    assert decoder.collector_on == [False] * 6 and gc.isenabled()
     assert timing["runtime_passes_s"] == [1.0, 5.0, 2.0] and timing["runtime_s"] == 2.0
     assert timing["samples_per_s"] == 1.0 and timing["tokens"] == 4 and timing["mean_exit_layer"] == 3.5
     with pytest.raises(ValueError, match="passes"):
