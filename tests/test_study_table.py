@@ -198,8 +198,6 @@ class _CountingDecoder:
         self.collector_on = []
 
     def generate(self, prompts, threshold, max_new_tokens):
-        import gc
-
         self.calls += 1
         self.collector_on.append(gc.isenabled())
         return [type("O", (), {"token_ids": [1, 2], "exit_layers": [3, 4], "text": "ab"})()]
