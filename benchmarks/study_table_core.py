@@ -21,6 +21,7 @@ import re
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -808,10 +809,11 @@ def _timed(store: Store, model: str, task: str, what: str, lam: float, loaded, a
     return result
 
 
-#: the batch-1 timing decoders of this process, most recently used last: the λ̂ timings of one configuration
-#: (and a task's λ = 1 timings) share one decoder, so its sessions' CUDA graphs are captured once rather than
-#: once per λ (the thresholds live in the sessions' buffers; the graphs do not depend on them)
-_TIMING_DECODERS: list[tuple[tuple, Any]] = []
+#: the batch-1 timing decoders of this process, least recently used first (as FastEarlyExitDecoder keeps its
+#: sessions): the λ̂ timings of one configuration (and a task's λ = 1 timings) share one decoder, so its
+#: sessions' CUDA graphs are captured once rather than once per λ (the thresholds live in the sessions'
+#: buffers; the graphs do not depend on them)
+_TIMING_DECODERS: OrderedDict[tuple, Any] = OrderedDict()
 TIMING_DECODERS_KEPT = 2  # the λ = 1 decoder and the current configuration's
 
 
@@ -819,13 +821,14 @@ def _timing_decoder(loaded, adapters, config: Configuration | None, compile_deci
     """The fast decoder that times ``config`` (None: the full model) on ``loaded``, reused while kept."""
     # the entry holds the decoder, which holds the model and adapters: their ids cannot be reused meanwhile
     key = (id(loaded.model), id(adapters) if config is not None else None, config, bool(compile_decision))
-    for index, (kept_key, decoder) in enumerate(_TIMING_DECODERS):
-        if kept_key == key:
-            _TIMING_DECODERS.append(_TIMING_DECODERS.pop(index))
-            return decoder
-    decoder = fast_decoder(loaded.model, loaded.tokenizer, config, adapters, compile_decision)
-    _TIMING_DECODERS.append((key, decoder))
-    del _TIMING_DECODERS[:-TIMING_DECODERS_KEPT]
+    decoder = _TIMING_DECODERS.get(key)
+    if decoder is not None:
+        _TIMING_DECODERS.move_to_end(key)
+        return decoder
+    while len(_TIMING_DECODERS) >= TIMING_DECODERS_KEPT:
+        _TIMING_DECODERS.popitem(last=False)
+    decoder = _TIMING_DECODERS[key] = fast_decoder(loaded.model, loaded.tokenizer, config, adapters,
+                                                   compile_decision)
     return decoder
 
 

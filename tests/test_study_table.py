@@ -223,7 +223,7 @@ def test_timings_of_one_configuration_share_one_decoder(monkeypatch):
     built = []
     monkeypatch.setattr(core, "fast_decoder", lambda model, tok, config, adapters, compile: built.append(config)
                         or object())
-    monkeypatch.setattr(core, "_TIMING_DECODERS", [])
+    monkeypatch.setattr(core, "_TIMING_DECODERS", core.OrderedDict())
     loaded = type("L", (), {"model": object(), "tokenizer": None})()
     other = type("L", (), {"model": object(), "tokenizer": None})()
     margin = core.Configuration("softmax-margin", core.reductions(["none"], 1000, (1000, 10))[0], 15)
