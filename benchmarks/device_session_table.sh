@@ -50,6 +50,7 @@ for stage in "$FROZEN|softmax-margin|decaying,fixed|$TASKS|" \
              "$EXIT_READY|softmax-margin|fixed|$TASKS|" \
              "$FROZEN|weighted-contrastive|fixed,none|$TASKS|" \
              "$FROZEN|jsd-contrastive|fixed,none|$TASKS|" \
+             "$EXIT_READY|softmax-margin|none|$TASKS|" \
              "$EXIT_READY|weighted-contrastive,jsd-contrastive|decaying|$TASKS|" \
              "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime"; do
   IFS='|' read -r model scorers reductions tasks extra <<< "$stage"
