@@ -176,7 +176,55 @@ def test_jsd_restricts_to_the_head_set():
     log_expert = torch.log(torch.tensor(p_expert[None, :]))
     stacked = torch.log(torch.tensor(np.stack([candidates[0], candidates[1]])[:, None, :]))
     # restricted to the head, candidate 0 equals the expert (JSD 0): layer 1 must be chosen
-    assert scorer.choose_amateur(log_expert, stacked, layer=2).tolist() == [1]
+    assert scorer.choose_amateur(log_expert, stacked, layer=2)[0].tolist() == [1]
+
+
+@pytest.mark.parametrize("discount", [False, True])
+def test_jsd_choice_matches_a_stacked_argmax(discount):
+    # an independent reference: every candidate's divergence stacked, then argmax (first maximum on ties)
+    torch.manual_seed(1)
+    rows, vocab, layer = 9, 12, 6
+    log_expert = torch.log_softmax(torch.randn(rows, vocab, dtype=torch.float64) * 3, dim=-1)
+    candidates = [torch.log_softmax(torch.randn(rows, vocab, dtype=torch.float64) * 3, dim=-1) for _ in range(layer)]
+    candidates[4] = candidates[1].clone()  # an exact tie without the discount: the lower layer must win
+    scorer = JSDContrastive(alpha=0.05, distance_discount=discount)
+    p = log_expert.exp()
+    head = p >= 0.05 * p.max(dim=-1, keepdim=True).values
+
+    def restricted(q):
+        q = torch.where(head, q, torch.zeros_like(q))
+        return q / q.sum(dim=-1, keepdim=True)
+
+    divergence = torch.stack([jensen_shannon(restricted(p), restricted(c.exp())) for c in candidates])
+    if discount:
+        divergence = divergence / torch.tensor([layer - a for a in range(layer)], dtype=torch.float64)[:, None]
+    expected = divergence.argmax(dim=0)
+    chosen, log_p_chosen = scorer.choose_amateur(log_expert, iter(candidates), layer=layer)
+    assert chosen.tolist() == expected.tolist()
+    assert torch.equal(log_p_chosen, torch.stack(candidates).gather(0, expected.view(1, -1, 1).expand(1, rows, vocab))[0])
+    with pytest.raises(ValueError, match="below layer 0"):
+        scorer.choose_amateur(log_expert, [], layer=0)
+
+
+def test_jsd_keeps_at_most_the_best_candidate_alive():
+    # over the full vocabulary ℓ stacked candidates ran out of GPU memory: the scorer must stream them
+    import weakref
+
+    torch.manual_seed(2)
+    rows, vocab, layer = 4, 50, 8
+    logits = torch.randn(rows, vocab) * 4
+    yielded = []
+
+    def candidates():
+        for _ in range(layer):
+            alive = sum(ref() is not None for ref in yielded)
+            assert alive <= 2, f"{alive} earlier candidates still alive: the candidates were stacked"
+            tensor = torch.log_softmax(torch.randn(rows, vocab) * 4, dim=-1)
+            yielded.append(weakref.ref(tensor))
+            yield tensor
+
+    JSDContrastive().choose_amateur(torch.log_softmax(logits, dim=-1), candidates(), layer=layer)
+    assert len(yielded) == layer
 
 
 def test_scores_are_in_unit_interval_and_keep_the_dtype():

@@ -11,7 +11,7 @@ float64, never to the CPU).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -230,8 +230,16 @@ class JSDContrastive(ConfidenceScorer):
     def other_head_layers(self, layer: int) -> tuple[int, ...]:
         return tuple(range(layer))  # every lower layer is a candidate amateur
 
-    def choose_amateur(self, log_p_expert: torch.Tensor, log_p_candidates: torch.Tensor, layer: int) -> torch.Tensor:
-        """log_p_expert (B, k); log_p_candidates (A, B, k) for layers 0..A-1 -> (B,) chosen layer index."""
+    def choose_amateur(
+        self, log_p_expert: torch.Tensor, log_p_candidates: Iterable[torch.Tensor], layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log_p_expert (B, k); log_p_candidates: the (B, k) log-probabilities of layers 0, 1, …, ℓ-1 in that
+        order -> ((B,) chosen layer, (B, k) its log-probabilities). Ties go to the lower layer (as argmax).
+
+        The candidates are read one at a time and only the best so far is kept: over the full vocabulary a
+        stack of all ℓ would be ℓ·B·|V| floats per consulted layer, which ran a 320-row sweep batch with
+        reduction "none" out of an H100's 80 GB inside its CUDA-graph pools.
+        """
         p_expert = log_p_expert.exp()
         head = p_expert >= self.alpha * p_expert.max(dim=-1, keepdim=True).values
 
@@ -239,22 +247,29 @@ class JSDContrastive(ConfidenceScorer):
             p = torch.where(head, p, torch.zeros_like(p))
             return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
 
-        divergence = jensen_shannon(restricted(p_expert).unsqueeze(0), restricted(log_p_candidates.exp()))
-        if self.distance_discount:
-            n = log_p_candidates.shape[0]
-            distance = layer - torch.arange(n, device=divergence.device, dtype=divergence.dtype)
-            divergence = divergence / distance.unsqueeze(-1)
-        return divergence.argmax(dim=0)
+        expert = restricted(p_expert)
+        best_layer = best_divergence = best = None
+        for candidate_layer, log_p in enumerate(log_p_candidates):
+            divergence = jensen_shannon(expert, restricted(log_p.exp()))  # (B,)
+            if self.distance_discount:
+                divergence = divergence / (layer - candidate_layer)
+            if best is None:
+                best_divergence, best = divergence, log_p
+                best_layer = torch.zeros(divergence.shape, dtype=torch.long, device=divergence.device)
+                continue
+            better = divergence > best_divergence  # strict: an equal later layer does not replace
+            best_divergence = torch.where(better, divergence, best_divergence)
+            best_layer = torch.where(better, candidate_layer, best_layer)
+            best = torch.where(better.unsqueeze(-1), log_p, best)
+        if best is None:
+            raise ValueError(f"jsd-contrastive needs an amateur below layer {layer}; none was given")
+        return best_layer, best
 
     def score(self, view: ExitView) -> torch.Tensor:
         dtype = _compute_dtype(view.logits.dtype)
         log_p_expert = torch.log_softmax(view.logits.to(dtype), dim=-1)
-        candidates = torch.stack(
-            [torch.log_softmax(view.logits_at(a).to(dtype), dim=-1) for a in range(view.layer)]
-        )  # (ℓ, B, k)
-        amateur = self.choose_amateur(log_p_expert, candidates, view.layer)  # (B,)
-        index = amateur.view(1, -1, 1).expand(1, *candidates.shape[1:])
-        log_p_amateur = candidates.gather(0, index).squeeze(0)
+        candidates = (torch.log_softmax(view.logits_at(a).to(dtype), dim=-1) for a in range(view.layer))
+        _, log_p_amateur = self.choose_amateur(log_p_expert, candidates, view.layer)
         return top1_minus_top2(contrast_distribution(log_p_expert, log_p_amateur, self.alpha))
 
 
