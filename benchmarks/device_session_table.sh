@@ -28,6 +28,19 @@ g, r = (json.load(open(f'$OUT/{n}_gpu.json'))['prompt_steps_per_second'] for n i
 sys.exit(0 if g > r else 1)"; then DECODING=grid; fi
 log "sweep decoding: $DECODING"
 
+# 1b. (once per machine) the JSD amateur search at batch 1 with its lower layers' heads read together (the tenth
+#    session's change) against one head call per layer (how the JSD rows up to then were timed): bf16, 8 SAMSum
+#    prompts x 32 tokens, λ 0.95 and 0.5; the CPU measured 1.20x (docs/benchmarks.md, "JSD amateur heads").
+#    The table's --retime stage then re-times the JSD rows' λ̂ timings (TIMING_REVISIONS in study_table_core).
+if [ ! -f $DONE/jsd_heads ] && [ "$(left)" -gt 300 ]; then
+  log "JSD amateur heads: together against per layer"
+  J="--model $GGUF --data /tmp/study-data/samsum_test.jsonl --prompts 8 --max-new-tokens 32 --dtype bfloat16"
+  timeout 120 python3 benchmarks/bench_jsd_heads.py $J --json $OUT/jsd_heads_batched.json > $OUT/jsd_heads.log 2>&1
+  timeout 120 python3 benchmarks/bench_jsd_heads.py $J --per-layer --json $OUT/jsd_heads_per_layer.json \
+    --compare $OUT/jsd_heads_batched.json >> $OUT/jsd_heads.log 2>&1
+  touch $DONE/jsd_heads; grep -E "ms per token|identical" $OUT/jsd_heads.log
+fi
+
 # 2. the table: the stages in the order they were added (finished ones are skipped in seconds without loading
 #    the model): the frozen model's margin and contrastive rows, the exit-ready model's margin rows in bf16 with
 #    timings, the reduction "none", the exit-ready model's fixed pruning (XSum and CNN/DM still to do after the

@@ -71,3 +71,39 @@ def test_every_path_takes_the_consulted_layers_from_the_rule(monkeypatch, settin
     monkeypatch.setattr(exit_rule, "is_consulted", lambda layer, min_exit_layer, num_layers: layer == 3)
     for path, layers in _runs("decoder-only", setting, UNPRUNED).items():
         assert all(layer == 3 for row in layers for layer in row), path
+
+
+@pytest.mark.parametrize("family", ["t5", "decoder-only"])
+@pytest.mark.parametrize("pruned", [False, True])
+def test_step_heads_many_equals_one_call_per_layer(family, pruned):
+    # the JSD amateur search reads every lower layer through StepHeads.many: same logits, same head-row
+    # charges and the same memo as one __call__ per layer, whatever is memoised already
+    decoder = EarlyExitDecoder(_model(family))
+    backend, batch = decoder.backend, 3
+    generator = torch.Generator().manual_seed(0)
+    hiddens = [torch.randn(batch, backend.hidden_size, generator=generator, dtype=torch.float64)
+               for _ in range(LAYERS + 1)]
+    ids = torch.randint(0, backend.vocab_size, (batch, 7), generator=generator) if pruned else None
+    consulting = torch.tensor([True, False, True])
+
+    def fresh():
+        heads = exit_rule.StepHeads(backend, hiddens, torch.zeros(batch, dtype=torch.long))
+        heads(1, ids, consulting)       # memoised over the same set
+        heads(2, None, consulting)      # a full head: the set's columns are a gather of it
+        return heads
+
+    one_by_one, together = fresh(), fresh()
+    layers = [0, 1, 2, 3]
+    expected = torch.stack([one_by_one(a, ids, consulting) for a in layers])
+    got = together.many(layers, ids, consulting)
+    # one product for several layers may round differently from one per layer (a GEMM's blocking), never more
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert torch.equal(together.head_rows, one_by_one.head_rows)
+    width = expected.shape[-1]
+    # layers 0 and 3 were new (charged to the consulting rows); 1 and 2 came from the memo
+    assert together.head_rows.tolist() == [width * 2 + width + backend.vocab_size, 0,
+                                           width * 2 + width + backend.vocab_size]
+    # a second read is a memo hit: no new charge, same values
+    before = together.head_rows.clone()
+    assert torch.equal(together.many([3, 0], ids, consulting), got[[3, 0]])
+    assert torch.equal(together.head_rows, before)

@@ -176,11 +176,12 @@ def test_jsd_restricts_to_the_head_set():
     log_expert = torch.log(torch.tensor(p_expert[None, :]))
     stacked = torch.log(torch.tensor(np.stack([candidates[0], candidates[1]])[:, None, :]))
     # restricted to the head, candidate 0 equals the expert (JSD 0): layer 1 must be chosen
-    assert scorer.choose_amateur(log_expert, stacked, layer=2)[0].tolist() == [1]
+    assert scorer.choose_amateur(log_expert, [stacked], layer=2)[0].tolist() == [1]
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 4, 6])
 @pytest.mark.parametrize("discount", [False, True])
-def test_jsd_choice_matches_a_stacked_argmax(discount):
+def test_jsd_choice_matches_a_stacked_argmax(discount, chunk):
     # an independent reference: every candidate's divergence stacked, then argmax (first maximum on ties)
     torch.manual_seed(1)
     rows, vocab, layer = 9, 12, 6
@@ -199,7 +200,9 @@ def test_jsd_choice_matches_a_stacked_argmax(discount):
     if discount:
         divergence = divergence / torch.tensor([layer - a for a in range(layer)], dtype=torch.float64)[:, None]
     expected = divergence.argmax(dim=0)
-    chosen, log_p_chosen = scorer.choose_amateur(log_expert, iter(candidates), layer=layer)
+    # candidates arrive in chunks of consecutive layers, however they are cut
+    chunks = (torch.stack(candidates[start:start + chunk]) for start in range(0, layer, chunk))
+    chosen, log_p_chosen = scorer.choose_amateur(log_expert, chunks, layer=layer)
     assert chosen.tolist() == expected.tolist()
     assert torch.equal(log_p_chosen, torch.stack(candidates).gather(0, expected.view(1, -1, 1).expand(1, rows, vocab))[0])
     with pytest.raises(ValueError, match="below layer 0"):
@@ -219,7 +222,7 @@ def test_jsd_keeps_at_most_the_best_candidate_alive():
         for _ in range(layer):
             alive = sum(ref() is not None for ref in yielded)
             assert alive <= 2, f"{alive} earlier candidates still alive: the candidates were stacked"
-            tensor = torch.log_softmax(torch.randn(rows, vocab) * 4, dim=-1)
+            tensor = torch.log_softmax(torch.randn(1, rows, vocab) * 4, dim=-1)
             yielded.append(weakref.ref(tensor))
             yield tensor
 
@@ -258,3 +261,33 @@ def test_resolve_scorer():
     with pytest.raises(ValueError, match="amateur_layer"):
         WeightedContrastive(amateur_layer=-1)
     assert not math.isnan(WeightedContrastive().alpha)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 50, 1 << 24])
+def test_jsd_score_is_the_same_however_the_candidates_are_read(monkeypatch, chunk_elements):
+    # logits_for (the decoders' batched heads) against logits_at one layer at a time, and chunks of one
+    # layer, a few layers or all of them: the same confidences
+    from ltt_exit.decode import scorers
+
+    torch.manual_seed(3)
+    rows, vocab, layer = 5, 20, 7
+    heads = torch.randn(layer + 1, rows, vocab, dtype=torch.float64) * 3
+    reads = []
+
+    def logits_for(layers):
+        reads.append(list(layers))
+        return heads[list(layers)]
+
+    def view(batched):
+        return ExitView(layer=layer, logits=heads[layer], hidden=torch.ones(rows, 4, dtype=torch.float64),
+                        hidden_prev=torch.ones(rows, 4, dtype=torch.float64),
+                        logits_at=lambda a: heads[a], logits_for=logits_for if batched else None)
+
+    scorer = JSDContrastive()
+    one_at_a_time = scorer.score(view(False))
+    monkeypatch.setattr(scorers, "JSD_CHUNK_ELEMENTS", chunk_elements)
+    assert torch.equal(scorer.score(view(True)), one_at_a_time)
+    assert [a for chunk in reads for a in chunk] == list(range(layer))  # every lower layer once, in order
+    per_chunk = max(1, chunk_elements // (rows * vocab))
+    assert max(len(chunk) for chunk in reads) == min(per_chunk, layer)
+

@@ -260,6 +260,37 @@ def test_question_1_says_which_sides_hold_in_every_timed_pass():
     assert "1 of these rows rest on one timed pass" in text
 
 
+def test_retime_times_again_the_timings_older_than_their_scorers_decoding(tmp_path):
+    # jsd-contrastive's amateur heads are read together since revision 2: its λ̂ timings without the field were
+    # made with the slower per-layer reading and are re-timed; λ = 1 (no scorer) and other scorers are not
+    task = _tiny_task(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(out, tmp_path, "--deltas", "0.9", "--grid", "1,0.5,0.2,0", "--scorers", "jsd-contrastive,softmax-margin",
+                 "--reductions", "none", "--time-passes", "2")
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    paths = {p.name.split("__")[2]: p for p in (out / "configs").glob("*.json")}
+    jsd = json.loads(paths["jsd-contrastive"].read_text())
+    early = [key for key in jsd["timing"] if key != "1"]
+    assert early, "the test needs a certified λ̂ < 1"
+    assert all(jsd["timing"][key]["timing_revision"] == core.TIMING_REVISIONS["jsd-contrastive"] for key in early)
+    assert "timing_revision" not in jsd["timing"]["1"]
+    assert not core._to_retime(jsd, jsd["timing"]["1"]["hardware"], 2)
+    # as the tenth session left the JSD rows: no revision recorded
+    for key in early:
+        jsd["timing"][key].pop("timing_revision")
+        jsd["timing"][key]["runtime_s"] = 999.0
+    paths["jsd-contrastive"].write_text(json.dumps(jsd))
+    for stored in (out / "timing").glob("*jsd-contrastive*.json"):
+        stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items() if k != "timing_revision"}))
+    margin_before = json.loads(paths["softmax-margin"].read_text())["timing"]
+    assert study_table.main([*argv, "--retime"], loader=_loader, tasks={"tiny": task}) == 0
+    after = json.loads(paths["jsd-contrastive"].read_text())
+    for key in early:
+        assert after["timing"][key]["runtime_s"] < 999.0 and after["timing"][key]["timing_revision"] == 2
+    assert after["timing"]["1"] == jsd["timing"]["1"]  # made here with enough passes: kept
+    assert json.loads(paths["softmax-margin"].read_text())["timing"] == margin_before
+
+
 def test_retime_times_again_what_was_timed_here_with_too_few_passes(tmp_path):
     task = _tiny_task(tmp_path)
     out = tmp_path / "out"

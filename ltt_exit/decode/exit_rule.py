@@ -24,6 +24,7 @@ decoder attribute changes every path at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -104,23 +105,54 @@ class StepHeads:
         self._weights = None
 
     def __call__(self, layer: int, ids: torch.Tensor | None, count_for: torch.Tensor | None) -> torch.Tensor:
+        logits = self._memoised(layer, ids)
+        if logits is None:
+            logits = self._evaluate(self._head_state(layer), ids, count_for, 1)
+            self._memo.append((layer, ids, logits))
+        return logits
+
+    def many(self, layers: Sequence[int], ids: torch.Tensor | None, count_for: torch.Tensor | None) -> torch.Tensor:
+        """(A, B, k) the exit heads of ``layers`` (A of them) over one vocabulary set: the values and head-row
+        charges of one call per layer, but the layers not memoised yet go through the head together, one norm
+        and one product for all of them (an amateur search reads every lower layer: per-layer calls made it
+        hundreds of small kernels per token)."""
+        found = {layer: self._memoised(layer, ids) for layer in layers}
+        missing = [layer for layer in layers if found[layer] is None]
+        if missing:
+            states = torch.stack([self._head_state(layer) for layer in missing])  # (M, B, d)
+            logits = self._evaluate(states, ids, count_for, len(missing))  # (M, B, k)
+            if len(missing) == len(layers):
+                for layer, row in zip(missing, logits):
+                    self._memo.append((layer, ids, row))
+                return logits
+            for layer, row in zip(missing, logits):
+                found[layer] = row
+                self._memo.append((layer, ids, row))
+        return torch.stack([found[layer] for layer in layers])
+
+    def _memoised(self, layer: int, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """This step's head of ``layer`` over ``ids`` if already known (a subset of a known full head costs
+        nothing but the gather), else None."""
         full = None
         for memo_layer, memo_ids, logits in self._memo:
             if memo_layer == layer and memo_ids is ids:
                 return logits
             if memo_layer == layer and memo_ids is None:
                 full = logits
-        if full is not None:  # this layer's full head is known: a subset costs nothing
-            logits = full.gather(-1, ids)
-            self._memo.append((layer, ids, logits))
-            return logits
-        hidden = self._head_state(layer)
+        if full is None:
+            return None
+        logits = full.gather(-1, ids)
+        self._memo.append((layer, ids, logits))
+        return logits
+
+    def _evaluate(self, states: torch.Tensor, ids: torch.Tensor | None, count_for: torch.Tensor | None,
+                  layers: int) -> torch.Tensor:
+        """The head on states (..., B, d) holding ``layers`` layers' states; charges their head rows."""
         if ids is not None and ids is not self._weights_ids:
             self._weights_ids, self._weights = ids, self.backend.head_weights(ids)
-        logits = self.backend.head(hidden, ids, self._weights if ids is not None else None)
+        logits = self.backend.head(states, ids, self._weights if ids is not None else None)
         if count_for is not None:
-            self.count(count_for, logits.shape[-1])
-        self._memo.append((layer, ids, logits))
+            self.count(count_for, logits.shape[-1] * layers)
         return logits
 
     def _head_state(self, layer: int) -> torch.Tensor:
@@ -258,6 +290,7 @@ def exit_decision(
         hidden=heads.hiddens[layer],
         hidden_prev=heads.hiddens[layer - 1],
         logits_at=lambda amateur: heads(amateur, pruned.ids, consulting),
+        logits_for=lambda amateurs: heads.many(amateurs, pruned.ids, consulting),
     )
     confidence = decoder.scorer.score(view)
     predicted = predicted_tokens(pruned.logits, pruned.ids)

@@ -11,7 +11,7 @@ float64, never to the CPU).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -52,6 +52,8 @@ class ExitView:
     hidden_prev: (B, d) hidden state h_{ℓ-1} (h_0 = the decoder input embedding)
     logits_at:   callable a -> (B, k) logits of the exit head applied to h_a (0 <= a <= layer) over the
                  *same* vocabulary set as ``logits``; used by the contrastive scorers for the amateur.
+    logits_for:  optional callable (a_1, …, a_A) -> (A, B, k), the same as stacking ``logits_at`` of each
+                 but free to evaluate them together (the decoders' heads do); the JSD amateur search uses it.
     """
 
     layer: int
@@ -59,6 +61,13 @@ class ExitView:
     hidden: torch.Tensor
     hidden_prev: torch.Tensor
     logits_at: Callable[[int], torch.Tensor] | None = None
+    logits_for: Callable[[Sequence[int]], torch.Tensor] | None = None
+
+    def logits_of(self, layers: Sequence[int]) -> torch.Tensor:
+        """(A, B, k) exit-head logits of ``layers`` over the rows' vocabulary set (``logits_for`` when given)."""
+        if self.logits_for is not None:
+            return self.logits_for(layers)
+        return torch.stack([self.logits_at(a) for a in layers])
 
 
 def top1_minus_top2(probs: torch.Tensor) -> torch.Tensor:
@@ -233,12 +242,13 @@ class JSDContrastive(ConfidenceScorer):
     def choose_amateur(
         self, log_p_expert: torch.Tensor, log_p_candidates: Iterable[torch.Tensor], layer: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log_p_expert (B, k); log_p_candidates: the (B, k) log-probabilities of layers 0, 1, …, ℓ-1 in that
-        order -> ((B,) chosen layer, (B, k) its log-probabilities). Ties go to the lower layer (as argmax).
+        """log_p_expert (B, k); log_p_candidates: the log-probabilities of layers 0, 1, …, ℓ-1 in that order,
+        in chunks of consecutive layers, each (c, B, k) -> ((B,) chosen layer, (B, k) its log-probabilities).
+        Ties go to the lower layer (as argmax).
 
-        The candidates are read one at a time and only the best so far is kept: over the full vocabulary a
-        stack of all ℓ would be ℓ·B·|V| floats per consulted layer, which ran a 320-row sweep batch with
-        reduction "none" out of an H100's 80 GB inside its CUDA-graph pools.
+        Only one chunk and the best candidate so far are alive at a time: over the full vocabulary a stack
+        of all ℓ would be ℓ·B·|V| floats per consulted layer, which ran a 320-row sweep batch with reduction
+        "none" out of an H100's 80 GB inside its CUDA-graph pools (``score`` sizes the chunks).
         """
         p_expert = log_p_expert.exp()
         head = p_expert >= self.alpha * p_expert.max(dim=-1, keepdim=True).values
@@ -249,18 +259,23 @@ class JSDContrastive(ConfidenceScorer):
 
         expert = restricted(p_expert)
         best_layer = best_divergence = best = None
-        for candidate_layer, log_p in enumerate(log_p_candidates):
-            divergence = jensen_shannon(expert, restricted(log_p.exp()))  # (B,)
+        first = 0  # layer of the chunk's first candidate
+        for chunk in log_p_candidates:
+            divergence = jensen_shannon(expert, restricted(chunk.exp()))  # (c, B)
             if self.distance_discount:
-                divergence = divergence / (layer - candidate_layer)
+                distance = layer - torch.arange(first, first + chunk.shape[0], device=divergence.device)
+                divergence = divergence / distance.to(divergence.dtype).unsqueeze(-1)
+            chunk_divergence, chunk_index = divergence.max(dim=0)  # (B,) each: the first maximum in the chunk
+            chunk_best = chunk.gather(0, chunk_index.view(1, -1, 1).expand(1, *chunk.shape[1:])).squeeze(0)
+            chunk_layer = chunk_index + first
+            first += chunk.shape[0]
             if best is None:
-                best_divergence, best = divergence, log_p
-                best_layer = torch.zeros(divergence.shape, dtype=torch.long, device=divergence.device)
+                best_layer, best_divergence, best = chunk_layer, chunk_divergence, chunk_best
                 continue
-            better = divergence > best_divergence  # strict: an equal later layer does not replace
-            best_divergence = torch.where(better, divergence, best_divergence)
-            best_layer = torch.where(better, candidate_layer, best_layer)
-            best = torch.where(better.unsqueeze(-1), log_p, best)
+            better = chunk_divergence > best_divergence  # strict: an equal later layer does not replace
+            best_divergence = torch.where(better, chunk_divergence, best_divergence)
+            best_layer = torch.where(better, chunk_layer, best_layer)
+            best = torch.where(better.unsqueeze(-1), chunk_best, best)
         if best is None:
             raise ValueError(f"jsd-contrastive needs an amateur below layer {layer}; none was given")
         return best_layer, best
@@ -268,9 +283,23 @@ class JSDContrastive(ConfidenceScorer):
     def score(self, view: ExitView) -> torch.Tensor:
         dtype = _compute_dtype(view.logits.dtype)
         log_p_expert = torch.log_softmax(view.logits.to(dtype), dim=-1)
-        candidates = (torch.log_softmax(view.logits_at(a).to(dtype), dim=-1) for a in range(view.layer))
-        _, log_p_amateur = self.choose_amateur(log_p_expert, candidates, view.layer)
+        rows, width = view.logits.shape
+        per_chunk = max(1, JSD_CHUNK_ELEMENTS // max(1, rows * width))
+
+        def chunks():
+            for start in range(0, view.layer, per_chunk):
+                layers = range(start, min(view.layer, start + per_chunk))
+                yield torch.log_softmax(view.logits_of(layers).to(dtype), dim=-1)
+
+        _, log_p_amateur = self.choose_amateur(log_p_expert, chunks(), view.layer)
         return top1_minus_top2(contrast_distribution(log_p_expert, log_p_amateur, self.alpha))
+
+
+#: how many candidate log-probabilities (layers × rows × vocabulary) the JSD amateur search holds at once:
+#: every lower layer together at batch 1 or with a pruned set (few kernels per consulted layer, which is
+#: what batch-1 decoding pays for), a few layers at a time over a wide batch's full vocabulary (2^24 floats
+#: = 64 MiB in float32 per chunk tensor)
+JSD_CHUNK_ELEMENTS = 1 << 24
 
 
 # ------------------------------------------------------------------------------ learned exit classifier
