@@ -97,7 +97,9 @@ class StepHeads:
         self.hiddens = hiddens
         self.head_rows = head_rows
         self.exit_adapters = exit_adapters
-        self._memo: list[tuple[int, torch.Tensor | None, torch.Tensor]] = []
+        # (layer, id of the vocabulary set or None) -> (the set, logits); the entry keeps the set alive, so
+        # its id names it for the whole step (a dict: the JSD search looks up every lower layer per layer)
+        self._memo: dict[tuple[int, int | None], tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._adapted: dict[int, torch.Tensor] = {}  # layer -> adapted state (B, d) of this step
         # LM-head rows of the last vocabulary set asked for: a fixed set (and the amateurs' heads) is
         # evaluated at many layers of a step, gathered once
@@ -108,7 +110,7 @@ class StepHeads:
         logits = self._memoised(layer, ids)
         if logits is None:
             logits = self._evaluate(self._head_state(layer), ids, count_for, 1)
-            self._memo.append((layer, ids, logits))
+            self._remember(layer, ids, logits)
         return logits
 
     def many(self, layers: Sequence[int], ids: torch.Tensor | None, count_for: torch.Tensor | None) -> torch.Tensor:
@@ -123,27 +125,28 @@ class StepHeads:
             logits = self._evaluate(states, ids, count_for, len(missing))  # (M, B, k)
             if len(missing) == len(layers):
                 for layer, row in zip(missing, logits):
-                    self._memo.append((layer, ids, row))
+                    self._remember(layer, ids, row)
                 return logits
             for layer, row in zip(missing, logits):
                 found[layer] = row
-                self._memo.append((layer, ids, row))
+                self._remember(layer, ids, row)
         return torch.stack([found[layer] for layer in layers])
 
     def _memoised(self, layer: int, ids: torch.Tensor | None) -> torch.Tensor | None:
         """This step's head of ``layer`` over ``ids`` if already known (a subset of a known full head costs
         nothing but the gather), else None."""
-        full = None
-        for memo_layer, memo_ids, logits in self._memo:
-            if memo_layer == layer and memo_ids is ids:
-                return logits
-            if memo_layer == layer and memo_ids is None:
-                full = logits
+        known = self._memo.get((layer, None if ids is None else id(ids)))
+        if known is not None:
+            return known[1]
+        full = self._memo.get((layer, None))
         if full is None:
             return None
-        logits = full.gather(-1, ids)
-        self._memo.append((layer, ids, logits))
+        logits = full[1].gather(-1, ids)
+        self._remember(layer, ids, logits)
         return logits
+
+    def _remember(self, layer: int, ids: torch.Tensor | None, logits: torch.Tensor) -> None:
+        self._memo[(layer, None if ids is None else id(ids))] = (ids, logits)
 
     def _evaluate(self, states: torch.Tensor, ids: torch.Tensor | None, count_for: torch.Tensor | None,
                   layers: int) -> torch.Tensor:
