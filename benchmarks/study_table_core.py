@@ -30,6 +30,7 @@ import numpy as np
 
 from ltt_exit._atomic import atomic_write_text
 from ltt_exit.sweep.run import DEFAULT_GRID
+from study_table_report import TIMING_REVISIONS, timing_revision, timing_stale  # noqa: F401 (this folder is on sys.path)
 
 EPSILON = 0.05
 DELTAS = (0.1, 0.2)
@@ -619,22 +620,6 @@ def _machine_of(timing: dict) -> str | None:
     return timing.get("hardware", timing.get("device"))
 
 
-#: timings made before a change to how fast a scorer decodes (same outputs, other kernels) are made again by
-#: ``--retime``; a timing without the field has revision 1. jsd-contrastive 2: the amateur search reads the
-#: lower layers' heads together (``StepHeads.many``), no longer one head call per layer (tenth session)
-TIMING_REVISIONS = {"jsd-contrastive": 2}
-
-
-def _timing_revision(scorer: str | None) -> int:
-    """The revision a timing of ``scorer`` (None: the full model, λ = 1) is made with now."""
-    return TIMING_REVISIONS.get(scorer, 1) if scorer is not None else 1
-
-
-def _stale(timing: dict, scorer: str | None) -> bool:
-    """Whether a stored timing predates the current revision of its scorer's decoding."""
-    return timing.get("timing_revision", 1) < _timing_revision(scorer)
-
-
 def _to_retime(result: dict | None, here: str | None, passes: int) -> bool:
     """Whether ``--retime`` revisits a finished configuration: its timings come from several machines, one
     of them was made on this machine (``here``; None: not known yet) with fewer than ``passes`` passes, or one
@@ -642,8 +627,8 @@ def _to_retime(result: dict | None, here: str | None, passes: int) -> bool:
     timing = (result or {}).get("timing", {})
     scorer = ((result or {}).get("configuration") or {}).get("scorer")
     return _timed_apart(result) or any(
-        (_passes(t) < passes and (here is None or _machine_of(t) == here)) or _stale(t, None if key == "1" else scorer)
-        for key, t in timing.items())
+        (_passes(t) < passes and (here is None or _machine_of(t) == here))
+        or timing_stale(t, None if key == "1" else scorer) for key, t in timing.items())
 
 
 def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dict, config: Configuration,
@@ -665,7 +650,7 @@ def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: 
     retimed = 0
     for key, old in result["timing"].items():
         if (_machine_of(old) == here and _passes(old) >= settings.time_passes
-                and not _stale(old, None if key == "1" else config.scorer)):
+                and not timing_stale(old, None if key == "1" else config.scorer)):
             continue
         lam = float(key)
         full = key == "1"
@@ -820,14 +805,14 @@ def _timed(store: Store, model: str, task: str, what: str, lam: float, loaded, a
     cached = store.read(path)
     scorer = config.scorer if config is not None else None
     if (cached is not None and all(cached.get(k) == v for k, v in identity.items())
-            and _passes(cached) >= settings.time_passes and not _stale(cached, scorer)):
+            and _passes(cached) >= settings.time_passes and not timing_stale(cached, scorer)):
         return cached  # the same prompts, budget, device and dtype were timed (as often) by an earlier call
     full = store.read(store.timing_path(model, task, "full", 1.0))
     budget.check((1 + settings.time_passes) * full["runtime_s"] if full else 0.0, f"timing {what} at λ = {lam:g}")
     decoder = _timing_decoder(loaded, adapters, config, settings.compile_decision)
     result = time_batch1(decoder, prompts, lam, tokens, passes=settings.time_passes) | identity
-    if _timing_revision(scorer) > 1:
-        result["timing_revision"] = _timing_revision(scorer)
+    if timing_revision(scorer) > 1:
+        result["timing_revision"] = timing_revision(scorer)
     store.write(path, result)
     return result
 

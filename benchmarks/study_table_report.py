@@ -23,6 +23,24 @@ CONTRASTIVE = ("weighted-contrastive", "jsd-contrastive")
 PRIMARY_METRIC_LABEL = {"token-f1": "F1", "exact-match": "EM", "rouge-l": "ROUGE-L", "bleu": "BLEU"}
 
 
+# ----------------------------------------------------------------------------------- timing revisions
+#: timings made before a change to how fast a scorer decodes (same outputs, other kernels) are made again by
+#: ``--retime`` and marked § until then; a timing without the field has revision 1. jsd-contrastive 2: the
+#: amateur search reads the lower layers' heads together (``StepHeads.many``), no longer one head call per
+#: layer (tenth session)
+TIMING_REVISIONS = {"jsd-contrastive": 2}
+
+
+def timing_revision(scorer: str | None) -> int:
+    """The revision a timing of ``scorer`` (None: the full model, λ = 1) is made with now."""
+    return TIMING_REVISIONS.get(scorer, 1) if scorer is not None else 1
+
+
+def timing_stale(timing: dict, scorer: str | None) -> bool:
+    """Whether a stored timing predates the current revision of its scorer's decoding."""
+    return timing.get("timing_revision", 1) < timing_revision(scorer)
+
+
 # --------------------------------------------------------------------------------------------- rows
 def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
     """One row per (model, task, configuration, loss kind, δ), every number a lookup in the results."""
@@ -62,6 +80,8 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "sweep": f"{_machine_of(r.get('sweep')) or '?'}, {str(r['model'].get('dtype')).replace('torch.', '')}",
                 # share of the timed prompts whose fast-path text equals the sweep's at this λ (1.0 expected)
                 "timing_same_text": at.get("same_text_as_sweep") if at else None,
+                # the λ̂ timing predates its scorer's current decoding (TIMING_REVISIONS): slower than it is now
+                "timing_stale": bool(at) and lam < 1 and timing_stale(at, r["configuration"]["scorer"]),
             })
     order = {"none": 0, "fixed": 1, "decaying": 2}
     rows.sort(key=lambda x: (x["task"], x["model"], order.get(x["reduction_kind"], 9), x["scorer"], x["loss"],
@@ -83,6 +103,11 @@ def timings_comparable(row) -> bool:
 DIFFERENT_MACHINES_NOTE = ("‡ the runtime at λ̂ was measured on {at}, the one at λ = 1 on {full} (the λ = 1 timing is "
                            "shared by the task's configurations and was kept from an earlier session): the two "
                            "are not comparable, and question 1 leaves these rows out.")
+
+
+STALE_TIMING_NOTE = ("§ timed with an older, slower decoding of its scorer ({scorers}: one exit-head call per lower "
+                     "layer, now read together; same outputs): the runtime at λ̂ overstates what the scorer costs "
+                     "now, and `--retime` times it again.")
 
 
 def _f(value, digits=2, missing="–") -> str:
@@ -136,7 +161,8 @@ def markdown_table(rows: list[dict]) -> list[str]:
                 f"{r['delta']:g}{' †' if delta_reaches_full_metric(r) else ''} | "
                 f"{r['lambda_hat']:g}{'' if r['certified_any'] else ' (none)'} | "
                 f"{_f(r['mean_exit_layer'])} of {r['num_layers']} | {_f(r['flops_ratio'], 3)} | "
-                f"{_f(r['runtime_s'])} ({_f(r['samples_per_s'])}){'' if timings_comparable(r) else ' ‡'} | "
+                f"{_f(r['runtime_s'])} ({_f(r['samples_per_s'])}){'' if timings_comparable(r) else ' ‡'}"
+                f"{' §' if r.get('timing_stale') else ''} | "
                 f"{_f(r['runtime_full_s'])} "
                 f"({_f(r['samples_per_s_full'])}) | {_metric_cell(r, 'early')} | {_metric_cell(r, 'full')} | "
                 f"{_f(r['test_risk'], 3)} {'**>**' if over else '≤'} {r['delta']:g} |")
@@ -148,6 +174,9 @@ def markdown_table(rows: list[dict]) -> list[str]:
         apart = sorted({(r["timing_device_at"], r["timing_device"]) for r in block if not timings_comparable(r)})
         for at, full in apart:
             lines += ["", DIFFERENT_MACHINES_NOTE.format(at=at, full=full)]
+        stale = sorted({r["scorer"] for r in block if r.get("timing_stale")})
+        if stale:
+            lines += ["", STALE_TIMING_NOTE.format(scorers=", ".join(stale))]
         lines.append("")
     return lines
 

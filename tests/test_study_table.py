@@ -272,7 +272,7 @@ def test_retime_times_again_the_timings_older_than_their_scorers_decoding(tmp_pa
     jsd = json.loads(paths["jsd-contrastive"].read_text())
     early = [key for key in jsd["timing"] if key != "1"]
     assert early, "the test needs a certified λ̂ < 1"
-    assert all(jsd["timing"][key]["timing_revision"] == core.TIMING_REVISIONS["jsd-contrastive"] for key in early)
+    assert all(jsd["timing"][key]["timing_revision"] == report.TIMING_REVISIONS["jsd-contrastive"] for key in early)
     assert "timing_revision" not in jsd["timing"]["1"]
     assert not core._to_retime(jsd, jsd["timing"]["1"]["hardware"], 2)
     # as the tenth session left the JSD rows: no revision recorded
@@ -283,7 +283,15 @@ def test_retime_times_again_the_timings_older_than_their_scorers_decoding(tmp_pa
     for stored in (out / "timing").glob("*jsd-contrastive*.json"):
         stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items() if k != "timing_revision"}))
     margin_before = json.loads(paths["softmax-margin"].read_text())["timing"]
+    # a plain rerun re-times nothing finished, but the table marks the old timings (§) and says why
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    doc = (tmp_path / "bench.md").read_text()
+    assert "999.00" in doc and "§ timed with an older, slower decoding of its scorer (jsd-contrastive" in doc
+    assert [r["timing_stale"] for r in json.loads((out / "rows.json").read_text())["rows"] if r["lambda_hat"] < 1] \
+        == [r["scorer"] == "jsd-contrastive" for r in json.loads((out / "rows.json").read_text())["rows"]
+            if r["lambda_hat"] < 1]
     assert study_table.main([*argv, "--retime"], loader=_loader, tasks={"tiny": task}) == 0
+    assert "§" not in (tmp_path / "bench.md").read_text()
     after = json.loads(paths["jsd-contrastive"].read_text())
     for key in early:
         assert after["timing"][key]["runtime_s"] < 999.0 and after["timing"][key]["timing_revision"] == 2
