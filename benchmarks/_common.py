@@ -8,11 +8,14 @@
   :func:`smollm2_shape` (random-weight Llama of SmolLM2-135M's shape)
 * the decoder under measurement: :func:`make_fast` (fast path with graceful fallbacks), :func:`describe_fast`,
   :func:`mean_layers`, :func:`consults_per_token`
+* real prompts: :func:`add_samsum_arguments` and :func:`samsum_prompts` (SAMSum through the project's recipe,
+  the study table's reductions by name in :data:`STUDY_PRUNINGS`)
 
 Scripts run with their own folder on ``sys.path`` and import this as ``from _common import ...``.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -234,3 +237,38 @@ def smollm2_shape(device, dtype=torch.bfloat16):
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model.to(dtype).eval()
+
+
+# ---- real prompts: SAMSum through the project's recipe --------------------------------------------------
+SAMSUM_RECIPE = ROOT / "benchmarks" / "data" / "samsum_jsonl_recipe.yaml"
+#: the study table's reductions (docs/study_table.md) by the names the scripts' --pruning takes
+STUDY_PRUNINGS = {"decaying": ("decaying", {"k_max": 1000, "k_min": 10}), "fixed": ("fixed", {"k": 1000}),
+                  "none": "none"}
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file {path}")
+    return path
+
+
+def add_samsum_arguments(parser: argparse.ArgumentParser, *, prompts: int, max_new_tokens: int) -> None:
+    """--model, --data, --prompts, --max-new-tokens and --pruning, as the SAMSum benchmarks take them."""
+    parser.add_argument("--model", default="smollm2-135m", help="alias, folder or .gguf file")
+    parser.add_argument("--data", type=_existing_file, default=str(ROOT.parent / "shared" / "data" / "samsum_test.jsonl"),
+                        help="SAMSum JSON Lines file")
+    parser.add_argument("--prompts", type=int, default=prompts)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--pruning", choices=sorted(STUDY_PRUNINGS), default="decaying")
+
+
+def samsum_prompts(args: argparse.Namespace, loaded) -> list[str]:
+    """The first ``args.prompts`` SAMSum prompts (seed 0) of ``args.data``, formatted for the loaded model. The
+    project is imported here, after a script may have put another checkout first on sys.path."""
+    from ltt_exit.recipes import load_recipe
+
+    examples = load_recipe(SAMSUM_RECIPE).load(size=args.prompts, seed=0, data_files=[str(args.data)],
+                                               family=loaded.family, tokenizer=loaded.tokenizer).examples
+    return [example.prompt for example in examples]
+

@@ -21,19 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+from _common import STUDY_PRUNINGS, add_samsum_arguments, samsum_prompts  # this script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "benchmarks" / "data" / "samsum_jsonl_recipe.yaml"
-PRUNINGS = {"decaying": ("decaying", {"k_max": 1000, "k_min": 10}), "fixed": ("fixed", {"k": 1000}), "none": "none"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="alias, folder or .gguf file")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "samsum_test.jsonl",
-                        help="SAMSum JSON Lines file")
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--pruning", choices=sorted(PRUNINGS), default="decaying")
+    add_samsum_arguments(parser, prompts=16, max_new_tokens=24)
     parser.add_argument("--decoding", choices=("grid", "rows"), default="grid",
                         help="grid: one generate_grid call over all prompts; rows: K + 1 rows per prompt on the fast "
                              "path, --batch prompts at a time in length order")
@@ -45,25 +40,20 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write timing and outputs here")
     parser.add_argument("--compare", type=Path, default=None, help="a --json file of another run: check same outputs")
     args = parser.parse_args(argv)
-    if not args.data.is_file():
-        parser.error(f"--data: no such file {args.data}")
     sys.path.insert(0, str(args.code.resolve() if args.code else REPO))
 
     import torch
 
     from ltt_exit.decode import EarlyExitDecoder, FastEarlyExitDecoder
     from ltt_exit.models import load_model
-    from ltt_exit.recipes import load_recipe
     from ltt_exit.sweep.run import DEFAULT_GRID, decode_candidates
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, device=device, dtype=args.dtype)
-    calibration_set = load_recipe(RECIPE).load(size=args.prompts, seed=0, data_files=[str(args.data)],
-                                               family=loaded.family, tokenizer=loaded.tokenizer)
-    prompts = [example.prompt for example in calibration_set.examples]
-    settings = dict(scorer="softmax-margin", pruning=PRUNINGS[args.pruning], min_exit_layer=15)
+    prompts = samsum_prompts(args, loaded)
+    settings = dict(scorer="softmax-margin", pruning=STUDY_PRUNINGS[args.pruning], min_exit_layer=15)
     lambdas = list(DEFAULT_GRID)
     if args.decoding == "grid":
         decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, **settings)

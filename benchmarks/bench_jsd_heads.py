@@ -22,19 +22,14 @@ import sys
 import time
 from pathlib import Path
 
+from _common import STUDY_PRUNINGS, add_samsum_arguments, samsum_prompts  # this script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "benchmarks" / "data" / "samsum_jsonl_recipe.yaml"
-PRUNINGS = {"decaying": ("decaying", {"k_max": 1000, "k_min": 10}), "fixed": ("fixed", {"k": 1000}), "none": "none"}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="alias, folder or .gguf file")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "samsum_test.jsonl",
-                        help="SAMSum JSON Lines file")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--pruning", choices=sorted(PRUNINGS), default="decaying")
+    add_samsum_arguments(parser, prompts=8, max_new_tokens=32)
     parser.add_argument("--lambdas", default="0.95,0.5", help="comma-separated thresholds (default 0.95,0.5)")
     parser.add_argument("--passes", type=int, default=3, help="timed passes per λ; the median is reported")
     parser.add_argument("--per-layer", action="store_true", help="one head call per lower layer (the old reading)")
@@ -44,8 +39,6 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write timings and outputs here")
     parser.add_argument("--compare", type=Path, default=None, help="a --json file of another run: same tokens?")
     args = parser.parse_args(argv)
-    if not args.data.is_file():
-        parser.error(f"--data: no such file {args.data}")
     if args.compare is not None and not args.compare.is_file():
         parser.error(f"--compare: no such file {args.compare}")
     try:
@@ -60,7 +53,6 @@ def main(argv=None) -> int:
 
     from ltt_exit.decode import FastEarlyExitDecoder, exit_rule
     from ltt_exit.models import load_model
-    from ltt_exit.recipes import load_recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,11 +63,9 @@ def main(argv=None) -> int:
         exit_rule.StepHeads.many = per_layer
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, device=device, dtype=args.dtype)
-    examples = load_recipe(RECIPE).load(size=args.prompts, seed=0, data_files=[str(args.data)],
-                                        family=loaded.family, tokenizer=loaded.tokenizer).examples
-    prompts = [example.prompt for example in examples]
+    prompts = samsum_prompts(args, loaded)
     decoder = FastEarlyExitDecoder(loaded.model, loaded.tokenizer, scorer="jsd-contrastive",
-                                   pruning=PRUNINGS[args.pruning], min_exit_layer=15, length_bucket=64)
+                                   pruning=STUDY_PRUNINGS[args.pruning], min_exit_layer=15, length_bucket=64)
     cuda = device.startswith("cuda")
 
     def one_pass(threshold):
