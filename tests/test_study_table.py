@@ -260,14 +260,25 @@ def test_question_1_says_which_sides_hold_in_every_timed_pass():
     assert "1 of these rows rest on one timed pass" in text
 
 
+def _finished_for_retime(tmp_path: Path, scorers: str) -> tuple[core.Task, Path, list[str]]:
+    """A finished table (one δ, reduction none, timings of two passes) to re-time: (task, out folder, argv)."""
+    task = _tiny_task(tmp_path)
+    out = tmp_path / "out"
+    argv = _argv(out, tmp_path, "--deltas", "0.9", "--grid", "1,0.5,0.2,0", "--scorers", scorers,
+                 "--reductions", "none", "--time-passes", "2")
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    return task, out, argv
+
+
+def _drop_from_stored_timings(out: Path, field: str, pattern: str = "*.json") -> None:
+    for stored in (out / "timing").glob(pattern):
+        stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items() if k != field}))
+
+
 def test_retime_times_again_the_timings_older_than_their_scorers_decoding(tmp_path):
     # jsd-contrastive's amateur heads are read together since revision 2: its λ̂ timings without the field were
     # made with the slower per-layer reading and are re-timed; λ = 1 (no scorer) and other scorers are not
-    task = _tiny_task(tmp_path)
-    out = tmp_path / "out"
-    argv = _argv(out, tmp_path, "--deltas", "0.9", "--grid", "1,0.5,0.2,0", "--scorers", "jsd-contrastive,softmax-margin",
-                 "--reductions", "none", "--time-passes", "2")
-    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    task, out, argv = _finished_for_retime(tmp_path, "jsd-contrastive,softmax-margin")
     paths = {p.name.split("__")[2]: p for p in (out / "configs").glob("*.json")}
     jsd = json.loads(paths["jsd-contrastive"].read_text())
     early = [key for key in jsd["timing"] if key != "1"]
@@ -280,16 +291,14 @@ def test_retime_times_again_the_timings_older_than_their_scorers_decoding(tmp_pa
         jsd["timing"][key].pop("timing_revision")
         jsd["timing"][key]["runtime_s"] = 999.0
     paths["jsd-contrastive"].write_text(json.dumps(jsd))
-    for stored in (out / "timing").glob("*jsd-contrastive*.json"):
-        stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items() if k != "timing_revision"}))
+    _drop_from_stored_timings(out, "timing_revision", "*jsd-contrastive*.json")
     margin_before = json.loads(paths["softmax-margin"].read_text())["timing"]
     # a plain rerun re-times nothing finished, but the table marks the old timings (§) and says why
     assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
     doc = (tmp_path / "bench.md").read_text()
     assert "999.00" in doc and "§ timed with an older, slower decoding of its scorer (jsd-contrastive" in doc
-    assert [r["timing_stale"] for r in json.loads((out / "rows.json").read_text())["rows"] if r["lambda_hat"] < 1] \
-        == [r["scorer"] == "jsd-contrastive" for r in json.loads((out / "rows.json").read_text())["rows"]
-            if r["lambda_hat"] < 1]
+    early_rows = [r for r in json.loads((out / "rows.json").read_text())["rows"] if r["lambda_hat"] < 1]
+    assert [r["timing_stale"] for r in early_rows] == [r["scorer"] == "jsd-contrastive" for r in early_rows]
     assert study_table.main([*argv, "--retime"], loader=_loader, tasks={"tiny": task}) == 0
     assert "§" not in (tmp_path / "bench.md").read_text()
     after = json.loads(paths["jsd-contrastive"].read_text())
@@ -300,11 +309,7 @@ def test_retime_times_again_the_timings_older_than_their_scorers_decoding(tmp_pa
 
 
 def test_retime_times_again_what_was_timed_here_with_too_few_passes(tmp_path):
-    task = _tiny_task(tmp_path)
-    out = tmp_path / "out"
-    argv = _argv(out, tmp_path, "--deltas", "0.9", "--grid", "1,0.5,0.2,0", "--scorers", "softmax-margin",
-                 "--reductions", "none", "--time-passes", "2")
-    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    task, out, argv = _finished_for_retime(tmp_path, "softmax-margin")
     path = next((out / "configs").glob("*.json"))
     result = json.loads(path.read_text())
     assert all(len(t["runtime_passes_s"]) == 2 for t in result["timing"].values())
@@ -313,9 +318,7 @@ def test_retime_times_again_what_was_timed_here_with_too_few_passes(tmp_path):
         timing.pop("runtime_passes_s")
         timing["runtime_s"] = 999.0
     path.write_text(json.dumps(result))
-    for stored in (out / "timing").glob("*.json"):
-        stored.write_text(json.dumps({k: v for k, v in json.loads(stored.read_text()).items()
-                                      if k != "runtime_passes_s"}))
+    _drop_from_stored_timings(out, "runtime_passes_s")
     # asking for one pass: nothing to do; a plain rerun never re-times a finished configuration
     assert study_table.main([*argv, "--retime", "--time-passes", "1"], loader=_loader, tasks={"tiny": task}) == 0
     assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
