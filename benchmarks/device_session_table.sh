@@ -30,8 +30,9 @@ log "sweep decoding: $DECODING"
 
 # 1b. (once per machine) the JSD amateur search at batch 1 with its lower layers' heads read together (the tenth
 #    session's change) against one head call per layer (how the JSD rows up to then were timed): bf16, 8 SAMSum
-#    prompts x 32 tokens, λ 0.95 and 0.5; the CPU measured 1.20x (docs/benchmarks.md, "JSD amateur heads").
-#    The table's --retime stage then re-times the JSD rows' λ̂ timings (TIMING_REVISIONS in study_table_core).
+#    prompts x 32 tokens, λ 0.95 and 0.5; the CPU measured 1.14x at λ 0.95 (docs/benchmarks.md, "JSD amateur
+#    heads read together"). The table's --retime stage then re-times the JSD rows' λ̂ timings (TIMING_REVISIONS
+#    in study_table_report.py).
 if [ ! -f $DONE/jsd_heads ] && [ "$(left)" -gt 300 ]; then
   log "JSD amateur heads: together against per layer"
   J="--model $GGUF --data /tmp/study-data/samsum_test.jsonl --prompts 8 --max-new-tokens 32 --dtype bfloat16"
