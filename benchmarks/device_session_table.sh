@@ -46,7 +46,7 @@ fi
 #    the model): the frozen model's margin and contrastive rows, the exit-ready model's margin rows in bf16 with
 #    timings, the reduction "none", the exit-ready model's fixed pruning (XSum and CNN/DM still to do after the
 #    eighth session), the contrastive scorers with fixed and none (weighted first: JSD evaluates every lower
-#    layer's head), the exit-ready model's contrastive rows; last the timings (--retime, no sweep) of finished
+#    layer's head), the exit-ready model's contrastive rows (decaying, then fixed and none: weighted before JSD); last the timings (--retime, no sweep) of finished
 #    rows whose λ = 1 timing came from another machine or that were timed on this GPU model with one pass (all
 #    before the ninth session): three passes, median kept, about 100 timings and two calls on the H200. (The
 #    ninth session was left 1,424 s of device time by two refused tries, so the missing configurations went
@@ -66,6 +66,8 @@ for stage in "$FROZEN|softmax-margin|decaying,fixed|$TASKS|" \
              "$FROZEN|jsd-contrastive|fixed,none|$TASKS|" \
              "$EXIT_READY|softmax-margin|none|$TASKS|" \
              "$EXIT_READY|weighted-contrastive,jsd-contrastive|decaying|$TASKS|" \
+             "$EXIT_READY|weighted-contrastive|fixed,none|$TASKS|" \
+             "$EXIT_READY|jsd-contrastive|fixed,none|$TASKS|" \
              "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime"; do
   IFS='|' read -r model scorers reductions tasks extra <<< "$stage"
   [ "$(left)" -gt 90 ] || break
