@@ -52,6 +52,18 @@ fi
 #    ninth session was left 1,424 s of device time by two refused tries, so the missing configurations went
 #    first.) Each call goes as far as it can and the next one resumes. Stage: models|scorers|reductions|tasks|extra.
 [ -d /tmp/study_out ] || cp -r benchmarks/results/study_table /tmp/study_out
+# Unfinished sweeps outlive the machine: each call sends back its partial sweep files (study_out/partials in
+# session.tgz), and a later session that carries them in .device/partials resumes them instead of starting
+# over (a partial file names its sweep's configuration key; a mismatch is refused, never mixed). A partial
+# already on this machine is newer than the carried copy and is kept.
+if [ -d .device/partials ]; then
+  mkdir -p /tmp/study_out/tables
+  for f in .device/partials/*.partial.jsonl; do
+    if [ -f "$f" ] && [ ! -f "/tmp/study_out/tables/$(basename "$f")" ]; then
+      cp "$f" /tmp/study_out/tables/ && log "resuming $(basename "$f")"
+    fi
+  done
+fi
 TABLE="--device cuda --dtype bfloat16 --data-dir /tmp/study-data --n-test 50 --n-time 10 --sweep-decoding $DECODING
   --max-new-tokens squad=24,samsum=32,xsum=32,cnn-dailymail=64,iwslt2017-en-de=48 --quiet --no-report --out /tmp/study_out"
 TASKS=squad,samsum,iwslt2017-en-de,xsum,cnn-dailymail
@@ -96,4 +108,6 @@ if [ "$(left)" -gt 150 ] && [ -f /tmp/study-data/iwslt2017_en-de_tst2016.jsonl ]
     --reductions decaying $TABLE --time-budget $(( $(left) - 40 )) >> $OUT/study.log 2>&1; tail -2 $OUT/study.log
 fi
 mkdir -p $OUT/study_out && cp -r /tmp/study_out/configs /tmp/study_out/timing /tmp/study_out/rows.json $OUT/study_out/ 2>/dev/null
+rm -rf $OUT/study_out/partials; mkdir -p $OUT/study_out/partials
+cp /tmp/study_out/tables/*.partial.jsonl $OUT/study_out/partials/ 2>/dev/null
 log "end"
