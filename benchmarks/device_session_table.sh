@@ -50,7 +50,7 @@ fi
 #    finished rows whose λ = 1 timing came from another machine, that were timed on this GPU model with one
 #    pass, or whose JSD timing predates the batched head reading: three passes, median kept, about 100
 #    timings and two calls on the H200. The retime comes before the remaining sweeps because the eleventh
-#    session found the one-pass H200 λ = 1 timings 13-36 % above three-pass ones, so the table's wall-clock
+#    session found the one-pass H200 λ = 1 timings 16-55 % above three-pass ones, so the table's wall-clock
 #    answer (Q1) rests on it. Then the exit-ready weighted contrastive with fixed and none, the frozen JSD
 #    without pruning (the dearest sweeps: every lower layer's full head at every consulted layer), the
 #    exit-ready JSD with fixed and none, and a last retime for what those left. Each call goes as far as it
