@@ -242,8 +242,8 @@ def test_timings_of_one_configuration_share_one_decoder(monkeypatch):
 def test_question_1_says_which_sides_hold_in_every_timed_pass():
     def row(at, full):
         return {"model": "m", "task": "t", "reduction": "decaying", "reduction_kind": "decaying", "scorer": "s",
-                "loss": "risk", "delta": 0.1, "lambda_hat": 0.9, "metrics": ["rouge-l"], "risk_metric": "rouge-l",
-                "test_risk": 0.05,
+                "loss": "risk", "delta": 0.1, "epsilon": 0.05, "lambda_hat": 0.9, "metrics": ["rouge-l"],
+                "risk_metric": "rouge-l", "test_risk": 0.05,
                 "metric_early": {"rouge-l": 0.2}, "metric_full": {"rouge-l": 0.21}, "cal_metric_full": {"rouge-l": 0.2},
                 "timing_device": "gpu", "timing_device_at": "gpu",
                 "runtime_s": float(np.median(at)), "runtime_full_s": float(np.median(full)),
@@ -258,6 +258,20 @@ def test_question_1_says_which_sides_hold_in_every_timed_pass():
     assert ("Of the 3 rows timed with several passes, 1 were slower in every pass than in any pass at λ = 1, "
             "1 faster in every pass, 1 within the passes' spread.") in text
     assert "1 of these rows rest on one timed pass" in text
+
+
+def test_rows_whose_test_risk_exceeds_delta_are_named_with_their_calibration_risk():
+    def row(test_risk, **extra):
+        return dict({"model": "m", "task": "t", "reduction": "fixed k=1000", "scorer": "s", "loss": "textual",
+                     "delta": 0.2, "epsilon": 0.05, "lambda_hat": 0.97, "cal_risk": 0.153, "test_risk": test_risk,
+                     "n_cal": 400, "n_test": 50}, **extra)
+
+    text = report._test_risk_over_delta([row(0.247), row(0.12), row(0.2)])
+    assert text.startswith("Test risk above δ in 1 of 3 rows: m / t / fixed k=1000 / s / textual δ = 0.2 "
+                           "(λ̂ 0.97: calibration risk 0.153 on 400 prompts, test risk 0.247 on 50).")
+    assert "ε = 0.05." in text
+    clean = report._test_risk_over_delta([row(0.1), row(0.05, epsilon=0.1)])
+    assert clean.startswith("Test risk above δ in 0 of 2 rows. ") and "ε = 0.05/0.1." in clean
 
 
 def _finished_for_retime(tmp_path: Path, scorers: str) -> tuple[core.Task, Path, list[str]]:
