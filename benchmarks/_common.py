@@ -271,4 +271,3 @@ def samsum_prompts(args: argparse.Namespace, loaded) -> list[str]:
     examples = load_recipe(SAMSUM_RECIPE).load(size=args.prompts, seed=0, data_files=[str(args.data)],
                                                family=loaded.family, tokenizer=loaded.tokenizer).examples
     return [example.prompt for example in examples]
-

@@ -30,7 +30,7 @@ import numpy as np
 
 from ltt_exit._atomic import atomic_write_text
 from ltt_exit.sweep.run import DEFAULT_GRID
-from study_table_report import timing_revision, timing_stale  # this script's folder is on sys.path
+from study_table_report import timing_revision, timing_stale, timing_stale_at  # this script's folder is on sys.path
 
 EPSILON = 0.05
 DELTAS = (0.1, 0.2)
@@ -620,11 +620,6 @@ def _machine_of(timing: dict) -> str | None:
     return timing.get("hardware", timing.get("device"))
 
 
-def _stale_at(key: str, timing: dict, scorer: str | None) -> bool:
-    """Whether a configuration's timing at λ ``key`` predates its decoding's revision (λ = 1 uses no scorer)."""
-    return timing_stale(timing, None if key == "1" else scorer)
-
-
 def _to_retime(result: dict | None, here: str | None, passes: int) -> bool:
     """Whether ``--retime`` revisits a finished configuration: its timings come from several machines, one
     of them was made on this machine (``here``; None: not known yet) with fewer than ``passes`` passes, or one
@@ -633,7 +628,7 @@ def _to_retime(result: dict | None, here: str | None, passes: int) -> bool:
     scorer = ((result or {}).get("configuration") or {}).get("scorer")
     return _timed_apart(result) or any(
         (_passes(t) < passes and (here is None or _machine_of(t) == here))
-        or _stale_at(key, t, scorer) for key, t in timing.items())
+        or timing_stale_at(t, float(key), scorer) for key, t in timing.items())
 
 
 def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: dict, config: Configuration,
@@ -655,7 +650,7 @@ def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: 
     retimed = 0
     for key, old in result["timing"].items():
         if (_machine_of(old) == here and _passes(old) >= settings.time_passes
-                and not _stale_at(key, old, config.scorer)):
+                and not timing_stale_at(old, float(key), config.scorer)):
             continue
         lam = float(key)
         full = key == "1"

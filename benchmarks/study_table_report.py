@@ -41,6 +41,12 @@ def timing_stale(timing: dict, scorer: str | None) -> bool:
     return timing.get("timing_revision", 1) < timing_revision(scorer)
 
 
+def timing_stale_at(timing: dict, lam: float, scorer: str | None) -> bool:
+    """Whether a configuration's timing at threshold ``lam`` predates its decoding's revision (λ = 1 decodes the
+    full model and uses no scorer)."""
+    return timing_stale(timing, None if lam >= 1 else scorer)
+
+
 # --------------------------------------------------------------------------------------------- rows
 def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
     """One row per (model, task, configuration, loss kind, δ), every number a lookup in the results."""
@@ -81,7 +87,7 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 # share of the timed prompts whose fast-path text equals the sweep's at this λ (1.0 expected)
                 "timing_same_text": at.get("same_text_as_sweep") if at else None,
                 # the λ̂ timing predates its scorer's current decoding (TIMING_REVISIONS): slower than it is now
-                "timing_stale": bool(at) and lam < 1 and timing_stale(at, r["configuration"]["scorer"]),
+                "timing_stale": bool(at) and timing_stale_at(at, lam, r["configuration"]["scorer"]),
             })
     order = {"none": 0, "fixed": 1, "decaying": 2}
     rows.sort(key=lambda x: (x["task"], x["model"], order.get(x["reduction_kind"], 9), x["scorer"], x["loss"],
