@@ -28,12 +28,11 @@ g, r = (json.load(open(f'$OUT/{n}_gpu.json'))['prompt_steps_per_second'] for n i
 sys.exit(0 if g > r else 1)"; then DECODING=grid; fi
 log "sweep decoding: $DECODING"
 
-# 1b. (once per machine) the JSD amateur search at batch 1 with its lower layers' heads read together (the tenth
-#    session's change) against one head call per layer (how the JSD rows up to then were timed): bf16, 8 SAMSum
-#    prompts x 32 tokens, λ 0.95 and 0.5; the CPU measured 1.14x at λ 0.95 (docs/benchmarks.md, "JSD amateur
-#    heads read together"). The table's --retime stage then re-times the JSD rows' λ̂ timings (TIMING_REVISIONS
-#    in study_table_report.py).
-if [ ! -f $DONE/jsd_heads ] && [ "$(left)" -gt 300 ]; then
+# 1b. (JSD_HEADS=1 only, once per machine: the H200 and the H100 are both measured) the JSD amateur search at
+#    batch 1 with its lower layers' heads read together (the tenth session's change) against one head call per
+#    layer (how the JSD rows up to then were timed): bf16, 8 SAMSum prompts x 32 tokens, λ 0.95 and 0.5
+#    (docs/benchmarks.md, "JSD amateur heads read together": H200 1.49x, H100 1.68x at λ 0.95).
+if [ "${JSD_HEADS:-0}" = 1 ] && [ ! -f $DONE/jsd_heads ] && [ "$(left)" -gt 300 ]; then
   log "JSD amateur heads: together against per layer"
   J="--model $GGUF --data /tmp/study-data/samsum_test.jsonl --prompts 8 --max-new-tokens 32 --dtype bfloat16"
   timeout 120 python3 benchmarks/bench_jsd_heads.py $J --json $OUT/jsd_heads_batched.json > $OUT/jsd_heads.log 2>&1
@@ -45,16 +44,18 @@ fi
 # 2. the table, stage by stage (finished ones are skipped in seconds without loading the model): first the
 #    stages of earlier sessions (the frozen model's margin and contrastive rows, the exit-ready model's margin
 #    rows in bf16, the reduction "none", the exit-ready fixed pruning, the frozen weighted contrastive with
-#    fixed and none, the exit-ready contrastive rows with decaying pruning), then the frozen JSD with fixed
-#    pruning (XSum and CNN/DM left after the eleventh session), then the timings (--retime, no sweep) of
-#    finished rows whose λ = 1 timing came from another machine, that were timed on this GPU model with one
-#    pass, or whose JSD timing predates the batched head reading: three passes, median kept, about 100
-#    timings and two calls on the H200. The retime comes before the remaining sweeps because the eleventh
-#    session found the one-pass H200 λ = 1 timings 16-55 % above three-pass ones, so the table's wall-clock
-#    answer (Q1) rests on it. Then the exit-ready weighted contrastive with fixed and none, the frozen JSD
-#    without pruning (the dearest sweeps: every lower layer's full head at every consulted layer), the
-#    exit-ready JSD with fixed and none, and a last retime for what those left. Each call goes as far as it
-#    can and the next one resumes. Stage: models|scorers|reductions|tasks|extra.
+#    fixed and none, the exit-ready contrastive rows with decaying pruning, the frozen JSD with fixed pruning,
+#    the exit-ready weighted contrastive with fixed and none), then the timings (--retime, no sweep) of
+#    finished rows whose λ = 1 timing came from another machine, that were timed with one pass (on any GPU
+#    model: --retime-any-machine moves such a configuration's timings to the lent GPU, since the H200 that
+#    made most one-pass timings is seldom lent), or whose JSD timing predates the batched head reading: three
+#    passes, median kept: 28 configurations, about 80 timings, one to two calls. The retime comes before the remaining
+#    sweeps because the eleventh session found the one-pass H200 λ = 1 timings 16-55 % above three-pass ones,
+#    so the table's wall-clock answer (Q1) rests on it. Then the exit-ready JSD with fixed pruning (cheaper
+#    than any JSD without pruning, and the exit-ready model's last missing scorer x reduction with pruning),
+#    the frozen and exit-ready JSD without pruning (the dearest sweeps: every lower layer's full head at every
+#    consulted layer), and a last retime for what those left. Each call goes as far as it can and the next one
+#    resumes. Stage: models|scorers|reductions|tasks|extra.
 [ -d /tmp/study_out ] || cp -r benchmarks/results/study_table /tmp/study_out
 # Unfinished sweeps outlive the machine: each call sends back its partial sweep files (study_out/partials in
 # session.tgz), and a later session that carries them in .device/partials resumes them instead of starting
@@ -82,11 +83,12 @@ for stage in "$FROZEN|softmax-margin|decaying,fixed|$TASKS|" \
              "$EXIT_READY|softmax-margin|none|$TASKS|" \
              "$EXIT_READY|weighted-contrastive,jsd-contrastive|decaying|$TASKS|" \
              "$FROZEN|jsd-contrastive|fixed|$TASKS|" \
-             "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime" \
              "$EXIT_READY|weighted-contrastive|fixed,none|$TASKS|" \
+             "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime --retime-any-machine" \
+             "$EXIT_READY|jsd-contrastive|fixed|$TASKS|" \
              "$FROZEN|jsd-contrastive|none|$TASKS|" \
-             "$EXIT_READY|jsd-contrastive|fixed,none|$TASKS|" \
-             "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime"; do
+             "$EXIT_READY|jsd-contrastive|none|$TASKS|" \
+             "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime --retime-any-machine"; do
   IFS='|' read -r model scorers reductions tasks extra <<< "$stage"
   [ "$(left)" -gt 90 ] || break
   log "table: $model / $scorers / $reductions / $tasks $extra"

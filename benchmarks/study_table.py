@@ -141,6 +141,10 @@ def parser() -> argparse.ArgumentParser:
                         "made on one machine (a λ = 1 timing kept from another GPU) or were made here with fewer "
                         "than --time-passes passes, and time those again here, so that each row's runtimes at λ̂ "
                         "and at λ = 1 compare (sweeps and certificates stay)")
+    p.add_argument("--retime-any-machine", action="store_true",
+                   help="with --retime: also revisit configurations timed with fewer than --time-passes passes on "
+                        "another GPU model, and time all their timings again here (so each row still compares one "
+                        "machine); for when the GPU that made them is not lent")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="stop cleanly before this many seconds from the start (exit status 3); run again to resume")
@@ -168,6 +172,7 @@ def settings_from(args, command: str | None = None) -> core.StudySettings:
                               n_time=args.n_time, grid=args.grid, deltas=args.deltas, cost=args.cost,
                               batch_prompts=args.batch_prompts, compile_decision=args.compile,
                               sweep_decoding=args.sweep_decoding, retime=args.retime,
+                              retime_any_machine=args.retime_any_machine,
                               time_passes=args.time_passes,
                               progress=not args.quiet, command=command)
 
@@ -243,6 +248,8 @@ def main(argv=None, *, loader=None, tasks: dict | None = None, clock=time.monoto
             raise ValueError(f"--n-time must be ≥ 0, got {args.n_time}")
         if args.time_passes < 1:
             raise ValueError(f"--time-passes must be ≥ 1, got {args.time_passes}")
+        if args.retime_any_machine and not args.retime:
+            raise ValueError("--retime-any-machine only widens --retime: give both")
         if args.batch_prompts is not None and args.batch_prompts < 1:
             raise ValueError(f"--batch-prompts must be ≥ 1, got {args.batch_prompts}")
         specs = model_specs(args)

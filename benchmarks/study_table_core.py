@@ -523,6 +523,9 @@ class StudySettings:
     #: instead of sweeping what is not done: for finished configurations whose timings come from different
     #: machines, time again on this machine those not made here (the sweep and the certificates stay)
     retime: bool = False
+    #: with ``retime``: few-pass timings made on another GPU model count too (all of a configuration's timings
+    #: then move to this machine); otherwise they are left to the machine that made them
+    retime_any_machine: bool = False
     #: timed passes over the n_time prompts per timing (their median is the runtime); a stored timing with
     #: fewer passes is timed again, and --retime revisits the configurations that have one
     time_passes: int = 3
@@ -584,7 +587,7 @@ def run_study(models: list[ModelSpec], tasks: list[Task], configs: list[Configur
                 if settings.retime:  # only finished configurations timed on several machines or too few times
                     here = hardware(loaded.device) if loaded is not None else None
                     result = store.read(store.config_path(spec.label, task.name, config.slug))
-                    if not (done and _to_retime(result, here, settings.time_passes)):
+                    if not (done and _to_retime(result, here, settings.time_passes, settings.retime_any_machine)):
                         continue
                 elif done:
                     continue
@@ -620,14 +623,14 @@ def _machine_of(timing: dict) -> str | None:
     return timing.get("hardware", timing.get("device"))
 
 
-def _to_retime(result: dict | None, here: str | None, passes: int) -> bool:
+def _to_retime(result: dict | None, here: str | None, passes: int, any_machine: bool = False) -> bool:
     """Whether ``--retime`` revisits a finished configuration: its timings come from several machines, one
-    of them was made on this machine (``here``; None: not known yet) with fewer than ``passes`` passes, or one
-    predates its scorer's current decoding (``TIMING_REVISIONS``)."""
+    of them was made on this machine (``here``; None: not known yet; any machine with ``any_machine``) with
+    fewer than ``passes`` passes, or one predates its scorer's current decoding (``TIMING_REVISIONS``)."""
     timing = (result or {}).get("timing", {})
     scorer = ((result or {}).get("configuration") or {}).get("scorer")
     return _timed_apart(result) or any(
-        (_passes(t) < passes and (here is None or _machine_of(t) == here))
+        (_passes(t) < passes and (any_machine or here is None or _machine_of(t) == here))
         or timing_stale_at(t, float(key), scorer) for key, t in timing.items())
 
 
@@ -641,7 +644,7 @@ def retime_configuration(spec: ModelSpec, loaded, adapters, task: Task, splits: 
     path = store.config_path(spec.label, task.name, config.slug)
     result = store.read(path)
     here = hardware(loaded.device)
-    if not _to_retime(result, here, settings.time_passes):
+    if not _to_retime(result, here, settings.time_passes, settings.retime_any_machine):
         return 0  # chosen before the machine was known: timed on one other machine only, nothing to compare
     tokens = result["task"]["max_new_tokens"]
     prompts = [e.prompt for e in splits["test"].examples[: result["n_time"]]]

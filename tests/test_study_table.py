@@ -352,6 +352,14 @@ def test_retime_times_again_what_was_timed_here_with_too_few_passes(tmp_path):
     assert study_table.main([*argv, "--retime"], loader=_loader, tasks={"tiny": task}) == 0
     assert json.loads(path.read_text())["timing"] == after["timing"]
     assert study_table.main(["--time-passes", "0", *argv[:-2]], loader=_loader, tasks={"tiny": task}) == 2
+    # ... unless that machine is not to be had: --retime-any-machine moves all of them here, with the passes
+    assert study_table.main([*argv, "--retime-any-machine"], loader=_loader, tasks={"tiny": task}) == 2
+    assert study_table.main([*argv, "--retime", "--retime-any-machine"], loader=_loader, tasks={"tiny": task}) == 0
+    moved = json.loads(path.read_text())["timing"]
+    assert set(moved) == set(after["timing"])
+    for timing in moved.values():
+        assert timing["hardware"] != "NVIDIA H100 80GB HBM3" and len(timing["runtime_passes_s"]) == 2
+        assert timing["runtime_s"] < 999.0
 
 
 def test_the_rows_sweep_on_the_fast_path_gives_the_grid_sweeps_rows(uninterrupted, tmp_path):
