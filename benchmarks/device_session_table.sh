@@ -48,10 +48,10 @@ fi
 #    the exit-ready weighted contrastive with fixed and none), then the timings (--retime, no sweep) of
 #    finished rows whose λ = 1 timing came from another machine, that were timed with one pass (on any GPU
 #    model: --retime-any-machine moves such a configuration's timings to the lent GPU, since the H200 that
-#    made the one-pass timings is often not lent), or whose JSD timing predates the batched head reading: three
-#    passes, median kept: 28 configurations, about 80 timings, one to two calls. The retime comes before the remaining
-#    sweeps because the eleventh session found the one-pass H200 λ = 1 timings 16-55 % above three-pass ones,
-#    so the table's wall-clock answer (Q1) rests on it. Then the exit-ready JSD with fixed pruning (cheaper
+#    made the one-pass timings is often not lent), or whose JSD timing predates the batched head reading:
+#    three passes, median kept: 28 configurations, about 80 timings, one to two calls. The retime comes
+#    before the remaining sweeps because the eleventh session found the one-pass H200 λ = 1 timings 16-55 %
+#    above three-pass ones, so the table's wall-clock answer (Q1) rests on it. Then the exit-ready JSD with fixed pruning (cheaper
 #    than any JSD without pruning, and the exit-ready model's last missing scorer x reduction with pruning),
 #    the frozen and exit-ready JSD without pruning (the dearest sweeps: every lower layer's full head at every
 #    consulted layer), and a last retime for what those left. Each call goes as far as it can and the next one
