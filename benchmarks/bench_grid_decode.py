@@ -2,8 +2,8 @@
 (``EarlyExitDecoder.generate_grid``) or the rows sweep (K + 1 rows per prompt on ``FastEarlyExitDecoder``,
 CUDA graphs on CUDA; ``SweepSpec.decoding``).
 
-Decodes the first ``--prompts`` SAMSum prompts (seed 0) with the default grid of 20 candidates, margin scorer
-and the given pruning (j = 15), and reports prompt-steps per second (one prompt, all candidates, one token
+Decodes the first ``--prompts`` SAMSum prompts (seed 0) with the default grid of 20 candidates, the given scorer
+(default the margin) and pruning (j = 15), and reports prompt-steps per second (one prompt, all candidates, one token
 position). ``--code`` decodes with another checkout's ``ltt_exit`` (a before/after comparison of the same
 prompts); ``--json`` writes the outputs' tokens and exit layers so two runs can be compared (``--compare``:
 the share of identical sequences; exit status 1 unless all are).
@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     parser.add_argument("--decoding", choices=("grid", "rows"), default="grid",
                         help="grid: one generate_grid call over all prompts; rows: K + 1 rows per prompt on the fast "
                              "path, --batch prompts at a time in length order")
+    parser.add_argument("--scorer", default="softmax-margin",
+                        help="confidence scorer (a name of ltt_exit.decode.SCORERS; default softmax-margin). "
+                             "The grid decodes each distinct row once, the rows sweep all K + 1: the saving grows "
+                             "with what the scorer costs per row (jsd-contrastive with --pruning none the most)")
     parser.add_argument("--batch", type=int, default=16, help="prompts per batch of the rows decoding (default 16)")
     parser.add_argument("--device", default=None, help="default: CUDA when present")
     parser.add_argument("--dtype", default=None)
@@ -44,16 +48,18 @@ def main(argv=None) -> int:
 
     import torch
 
-    from ltt_exit.decode import EarlyExitDecoder, FastEarlyExitDecoder
+    from ltt_exit.decode import SCORERS, EarlyExitDecoder, FastEarlyExitDecoder
     from ltt_exit.models import load_model
     from ltt_exit.sweep.run import DEFAULT_GRID, decode_candidates
 
+    if args.scorer not in SCORERS:
+        parser.error(f"--scorer: {args.scorer!r} is not one of {', '.join(sorted(SCORERS))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, device=device, dtype=args.dtype)
     prompts = samsum_prompts(args, loaded)
-    settings = dict(scorer="softmax-margin", pruning=STUDY_PRUNINGS[args.pruning], min_exit_layer=15)
+    settings = dict(scorer=args.scorer, pruning=STUDY_PRUNINGS[args.pruning], min_exit_layer=15)
     lambdas = list(DEFAULT_GRID)
     if args.decoding == "grid":
         decoder = EarlyExitDecoder(loaded.model, loaded.tokenizer, **settings)
@@ -92,7 +98,8 @@ def main(argv=None) -> int:
         "code": str(args.code or REPO), "device": device,
         "hardware": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         "dtype": str(loaded.model.dtype), "prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens, "pruning": args.pruning, "candidates": len(DEFAULT_GRID),
+        "max_new_tokens": args.max_new_tokens, "scorer": args.scorer, "pruning": args.pruning,
+        "candidates": len(DEFAULT_GRID),
         "decoding": args.decoding, "batch": args.batch if args.decoding == "rows" else len(prompts),
         "seconds": round(seconds, 3), "prompt_steps": prompt_steps,
         "prompt_steps_per_second": round(prompt_steps / seconds, 3),
@@ -102,7 +109,7 @@ def main(argv=None) -> int:
     }
     shared = f", {stats.rows_decoded} rows decoded, sharing {stats.sharing:.2f}" if stats else ""
     print(f"{len(prompts)} prompts x {len(DEFAULT_GRID)} candidates x {args.max_new_tokens} tokens ({args.decoding}, "
-          f"{args.pruning}, {device}, {result['dtype']}): {seconds:.1f} s, "
+          f"{args.scorer}, {args.pruning}, {device}, {result['dtype']}): {seconds:.1f} s, "
           f"{result['prompt_steps_per_second']:.2f} prompt-steps/s{shared}")
     status = 0
     if args.compare is not None:

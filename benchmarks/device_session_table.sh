@@ -54,7 +54,9 @@ fi
 #    above three-pass ones, so the table's wall-clock answer (Q1) rests on it. Then the exit-ready JSD with fixed pruning (cheaper
 #    than any JSD without pruning, and the exit-ready model's last missing scorer x reduction with pruning),
 #    the frozen and exit-ready JSD without pruning (the dearest sweeps: every lower layer's full head at every
-#    consulted layer), and a last retime for what those left. Each call goes as far as it can and the next one
+#    consulted layer; swept with the grid decoding, which scores each distinct row once: 2.46x faster than the
+#    rows sweep on the CPU, same outputs, where the rows sweep took about 0.6 s a step on the H100), and a last
+#    retime for what those left. Each call goes as far as it can and the next one
 #    resumes. Stage: models|scorers|reductions|tasks|extra.
 [ -d /tmp/study_out ] || cp -r benchmarks/results/study_table /tmp/study_out
 # Unfinished sweeps outlive the machine: each call sends back its partial sweep files (study_out/partials in
@@ -86,8 +88,8 @@ for stage in "$FROZEN|softmax-margin|decaying,fixed|$TASKS|" \
              "$EXIT_READY|weighted-contrastive|fixed,none|$TASKS|" \
              "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime --retime-any-machine" \
              "$EXIT_READY|jsd-contrastive|fixed|$TASKS|" \
-             "$FROZEN|jsd-contrastive|none|$TASKS|" \
-             "$EXIT_READY|jsd-contrastive|none|$TASKS|" \
+             "$FROZEN|jsd-contrastive|none|$TASKS|--sweep-decoding grid" \
+             "$EXIT_READY|jsd-contrastive|none|$TASKS|--sweep-decoding grid" \
              "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime --retime-any-machine"; do
   IFS='|' read -r model scorers reductions tasks extra <<< "$stage"
   [ "$(left)" -gt 90 ] || break

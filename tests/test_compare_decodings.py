@@ -42,3 +42,13 @@ def test_other_prompts_and_foreign_files_are_refused_with_the_reason(tmp_path):
     bad.write_text(json.dumps({"rows": []}))
     with pytest.raises(SystemExit, match="rows.json: not a bench_grid_decode.py --json file"):
         cd.load(bad)
+
+
+def test_bench_grid_decode_refuses_an_unknown_scorer_before_loading_a_model(capsys):
+    import bench_grid_decode
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_grid_decode.main(["--scorer", "no-such-scorer", "--model", "/nonexistent/model.gguf"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--scorer: 'no-such-scorer' is not one of" in err and "jsd-contrastive" in err
