@@ -55,8 +55,8 @@ fi
 #    than any JSD without pruning, and the exit-ready model's last missing scorer x reduction with pruning),
 #    the frozen and exit-ready JSD without pruning (the dearest sweeps: every lower layer's full head at every
 #    consulted layer; swept with the grid decoding, which scores each distinct row once: 2.46x faster than the
-#    rows sweep on the CPU, same outputs, where the rows sweep took about 0.6 s a step on the H100), and a last
-#    retime for what those left. Each call goes as far as it can and the next one
+#    rows sweep on the CPU at 12 tokens, same outputs, about 1.5x expected at the table's lengths, where the
+#    rows sweep took about 0.6 s a step on the H100), and a last retime for what those left. Each call goes as far as it can and the next one
 #    resumes. Stage: models|scorers|reductions|tasks|extra.
 [ -d /tmp/study_out ] || cp -r benchmarks/results/study_table /tmp/study_out
 # Unfinished sweeps outlive the machine: each call sends back its partial sweep files (study_out/partials in
