@@ -44,11 +44,14 @@ def test_other_prompts_and_foreign_files_are_refused_with_the_reason(tmp_path):
         cd.load(bad)
 
 
-def test_bench_grid_decode_refuses_an_unknown_scorer_before_loading_a_model(capsys):
+def test_bench_grid_decode_refuses_an_unknown_scorer_before_loading_a_model(capsys, tmp_path):
     import bench_grid_decode
 
+    data = tmp_path / "samsum.jsonl"
+    data.write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        bench_grid_decode.main(["--scorer", "no-such-scorer", "--model", "/nonexistent/model.gguf"])
+        bench_grid_decode.main(["--scorer", "no-such-scorer", "--model", "/nonexistent/model.gguf",
+                                "--data", str(data)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--scorer: 'no-such-scorer' is not one of" in err and "jsd-contrastive" in err
