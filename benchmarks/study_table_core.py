@@ -30,7 +30,7 @@ import numpy as np
 
 from ltt_exit._atomic import atomic_write_text
 from ltt_exit.sweep.run import DEFAULT_GRID
-from study_table_report import timing_revision, timing_stale, timing_stale_at  # this script's folder is on sys.path
+from study_table_report import scorer_stale, timing_revision, timing_stale, timing_stale_at  # this script's folder is on sys.path
 
 EPSILON = 0.05
 DELTAS = (0.1, 0.2)
@@ -697,10 +697,12 @@ def _sweep_texts(table, lambdas: list[float], keys, n: int) -> dict[str, list[st
 
 
 def _complete(store: Store, model: str, task: Task, config: str, settings: StudySettings) -> bool:
-    """A stored result counts as done when it was made with this call's split sizes, budget, grid and δs."""
+    """A stored result counts as done when it was made with this call's split sizes, budget, grid and δs, and
+    with the current revision of its scorer (an earlier one's sweep is made again: its loss tables' key differs)."""
     result = store.read(store.config_path(model, task.name, config))
     return (result is not None and result.get("version") == RESULT_VERSION
-            and result.get("identity", {}).get("settings") == _identity(settings, task))
+            and result.get("identity", {}).get("settings") == _identity(settings, task)
+            and not scorer_stale(result))
 
 
 def _identity(settings: StudySettings, task: Task) -> dict:

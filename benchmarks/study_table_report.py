@@ -88,6 +88,7 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "timing_same_text": at.get("same_text_as_sweep") if at else None,
                 # the λ̂ timing predates its scorer's current decoding (TIMING_REVISIONS): slower than it is now
                 "timing_stale": bool(at) and timing_stale_at(at, lam, r["configuration"]["scorer"]),
+                "scorer_stale": scorer_stale(r),
             })
     order = {"none": 0, "fixed": 1, "decaying": 2}
     rows.sort(key=lambda x: (x["task"], x["model"], order.get(x["reduction_kind"], 9), x["scorer"], x["loss"],
@@ -104,6 +105,29 @@ def timings_comparable(row) -> bool:
     """Whether a row's runtime at λ̂ and at λ = 1 were measured on the same kind of machine (a λ = 1 timing
     is shared by every configuration of a task and may come from an earlier session's other GPU)."""
     return row.get("timing_device_at") is None or row["timing_device_at"] == row["timing_device"]
+
+
+# ----------------------------------------------------------------------------------- scorer revisions
+def scorer_params_now(scorer: str) -> dict | None:
+    """The parameters a configuration of ``scorer`` records now (None for a scorer fitted per model)."""
+    from ltt_exit.decode import SCORERS
+
+    return SCORERS[scorer]().params() if scorer in SCORERS else None
+
+
+def scorer_stale(result: dict) -> bool:
+    """Whether a stored configuration was swept with an earlier revision of its scorer: its recorded scorer
+    parameters are not the ones the scorer records now (jsd-contrastive revision 2 added ``revision``)."""
+    now = scorer_params_now(result["configuration"]["scorer"])
+    recorded = ((result["configuration"].get("decoder") or {}).get("scorer") or {}).get("params")
+    return now is not None and recorded is not None and recorded != now
+
+
+SCORER_REVISION_NOTE = ("¶ swept and certified with an earlier revision of its scorer ({scorers}: revision 1 "
+                        "exponentiated the amateur candidates before restricting them to the expert's head set, and "
+                        "in float32 lost those whose head-set probabilities underflow, chiefly the embedding "
+                        "layer's): the row describes that revision, whose certificates do not apply to the "
+                        "scorer now; the next sweep of the configuration replaces it.")
 
 
 DIFFERENT_MACHINES_NOTE = ("‡ the runtime at λ̂ was measured on {at}, the one at λ = 1 on {full} (the λ = 1 timing is "
@@ -163,7 +187,8 @@ def markdown_table(rows: list[dict]) -> list[str]:
         for r in block:
             over = r["test_risk"] > r["delta"]
             lines.append(
-                f"| {r['model']} | {r['reduction']} (j={r['min_exit_layer']}) | {r['scorer']} | {r['loss']} | "
+                f"| {r['model']} | {r['reduction']} (j={r['min_exit_layer']}) | {r['scorer']}"
+                f"{' ¶' if r.get('scorer_stale') else ''} | {r['loss']} | "
                 f"{r['delta']:g}{' †' if delta_reaches_full_metric(r) else ''} | "
                 f"{r['lambda_hat']:g}{'' if r['certified_any'] else ' (none)'} | "
                 f"{_f(r['mean_exit_layer'])} of {r['num_layers']} | {_f(r['flops_ratio'], 3)} | "
@@ -183,6 +208,9 @@ def markdown_table(rows: list[dict]) -> list[str]:
         stale = sorted({r["scorer"] for r in block if r.get("timing_stale")})
         if stale:
             lines += ["", STALE_TIMING_NOTE.format(scorers=", ".join(stale))]
+        revised = sorted({r["scorer"] for r in block if r.get("scorer_stale")})
+        if revised:
+            lines += ["", SCORER_REVISION_NOTE.format(scorers=", ".join(revised))]
         lines.append("")
     return lines
 

@@ -667,3 +667,22 @@ def test_cost_account_charges_each_read_adapter_once_per_token(scorer, extra_lay
             assert b.cost.flops - a.cost.flops == pytest.approx(expected)
         if threshold == 0.3:
             assert any(layer < num_layers for s in with_maps for layer in s.exit_layers)
+
+
+def test_a_certificate_of_the_first_jsd_revision_is_refused(tmp_path):
+    # jsd-contrastive revision 1 (recorded without "revision") lost underflowing candidates in float32: its
+    # certificates do not apply to revision 2, and say why
+    from ltt_exit.apply import CertificateMismatch, CertifiedDecoder
+
+    model = llama()
+    loaded = loaded_of(model)
+    decoder = EarlyExitDecoder(model, loaded.tokenizer, min_exit_layer=2, scorer="jsd-contrastive")
+    assert decoder.config_dict()["scorer"]["params"]["revision"] == 2
+    current = make_certificate(decoder, loaded, tmp_path)
+    CertifiedDecoder(current, loaded)  # this revision's certificate applies
+    config = decoder.config_dict()
+    del config["scorer"]["params"]["revision"]
+    decoder.config_dict = lambda: config  # as revision 1 recorded it
+    old = make_certificate(decoder, loaded, tmp_path / "old") if (tmp_path / "old").mkdir() is None else None
+    with pytest.raises(CertificateMismatch, match="revision"):
+        CertifiedDecoder(old, loaded)

@@ -249,7 +249,9 @@ def test_resolve_scorer():
     instance = WeightedContrastive(amateur_layer=1)
     assert resolve_scorer(instance) is instance
     made = resolve_scorer(("jsd-contrastive", {"alpha": 0.2, "distance_discount": False}))
-    assert made.params() == {"alpha": 0.2, "distance_discount": False}
+    assert made.params() == {"alpha": 0.2, "distance_discount": False, "revision": 2}
+    with pytest.raises(ValueError, match="revision 1 is not available"):
+        resolve_scorer(("jsd-contrastive", {"revision": 1}))
     with pytest.raises(ValueError, match="unknown scorer 'entropy'"):
         resolve_scorer("entropy")
     with pytest.raises(ValueError, match="bad parameters"):
@@ -291,3 +293,66 @@ def test_jsd_score_is_the_same_however_the_candidates_are_read(monkeypatch, chun
     per_chunk = max(1, chunk_elements // (rows * vocab))
     assert max(len(chunk) for chunk in reads) == min(per_chunk, layer)
 
+
+
+@pytest.mark.parametrize("spread", [0.05, 1.0, 6.0])  # near-flat experts (a wide head set) to peaked ones
+@pytest.mark.parametrize("discount", [False, True])
+def test_jsd_score_on_the_head_set_columns_equals_the_score_on_every_column(monkeypatch, spread, discount):
+    # the candidates matter only on the expert's head set (restricted and renormalised there; their
+    # log-normaliser cancels in the contrast), plus one column for the runner-up off the head set
+    from ltt_exit.decode import scorers
+
+    torch.manual_seed(4)
+    rows, vocab, layer = 16, 300, 9
+    heads = torch.randn(layer + 1, rows, vocab, dtype=torch.float64) * spread
+    heads[layer, 0] = 0.0  # a uniform expert: every column is in its head set
+    heads[layer, 1, 7] = 40.0  # a one-token head set
+
+    def view(first_row):
+        part = heads[:, first_row:]
+        return ExitView(layer=layer, logits=part[layer], hidden=torch.ones(rows - first_row, 4, dtype=torch.float64),
+                        hidden_prev=torch.ones(rows - first_row, 4, dtype=torch.float64),
+                        logits_at=lambda a: part[a], logits_for=lambda layers: part[list(layers)])
+
+    scorer = JSDContrastive(alpha=0.1, distance_discount=discount)
+    # the columns: the widest head set of the batch plus one, the expert's most probable first
+    log_p = torch.log_softmax(heads[layer][1:], dim=-1)
+    columns = scorer._head_columns(log_p)
+    p = log_p.exp()
+    widest = int((p >= 0.1 * p.max(dim=-1, keepdim=True).values).sum(dim=-1).max())
+    if widest + 1 >= vocab:  # near-flat experts: every column is read
+        assert columns is None and spread < 1
+    else:
+        assert columns.shape == (rows - 1, widest + 1)
+        assert torch.equal(log_p.gather(-1, columns), torch.sort(log_p, descending=True).values[:, : widest + 1])
+        assert spread < 6 or widest < vocab // 10  # peaked experts: a few columns
+    assert scorer._head_columns(torch.log_softmax(heads[layer], dim=-1)) is None  # with row 0: every column
+    on_head_set = [scorer.score(view(0)), scorer.score(view(1))]
+    monkeypatch.setattr(scorers, "JSD_HEAD_SET_COLUMNS", False)
+    assert scorer._head_columns(log_p) is None
+    everywhere = scorer.score(view(0))
+    assert torch.allclose(on_head_set[0], everywhere, rtol=0, atol=1e-12)
+    assert torch.allclose(on_head_set[1], everywhere[1:], rtol=0, atol=1e-12)
+    assert everywhere[1] == pytest.approx(1.0)  # the one-token head set keeps all the mass
+
+
+def test_jsd_keeps_a_candidate_whose_head_set_probabilities_underflow_in_float32():
+    # the embedding layer's head spans ~240 nats on SmolLM2: in float32 its probabilities on the expert's
+    # head set fall below e^-103, and exponentiating before restricting lost it (an all-zero "distribution"
+    # with the divergence log(2)/2 instead of its true log(2))
+    vocab, layer = 16, 3
+    expert = torch.zeros(1, vocab, dtype=torch.float64)
+    expert[0, 8:12] = 10.0  # head set: tokens 8-11, uniform on it
+    candidates = torch.zeros(layer, 1, vocab, dtype=torch.float64)
+    candidates[0, 0, :4] = 200.0  # layer 0: its mass off the head set, nearly uniform on it (small JSD)
+    candidates[0, 0, 9] = 0.5
+    candidates[1, 0, 8] = 3.0  # layer 1: 87 % of its head-set mass on one token (the largest JSD)
+    candidates[2, 0, 8:12] = 10.0  # layer 2: the expert itself (JSD 0)
+    scorer = JSDContrastive(alpha=0.1, distance_discount=False)
+    for dtype in (torch.float64, torch.float32):
+        log_p = torch.log_softmax(expert.to(dtype), dim=-1)
+        cands = torch.log_softmax(candidates.to(dtype), dim=-1)
+        chosen, log_p_chosen = scorer.choose_amateur(log_p, [cands], layer)
+        assert chosen.tolist() == [1], dtype  # float32 had taken layer 0 (all-zero: JSD log(2)/2)
+        assert torch.equal(log_p_chosen, cands[1])
+    assert float(torch.log_softmax(candidates[0].float(), dim=-1)[0, 8:12].exp().max()) == 0.0  # it underflows

@@ -687,3 +687,27 @@ def test_frontier_axis_turns_logarithmic_only_when_a_line_reaches_far_beyond_the
     assert report._log_axis_ticks([0.7, 0.9, 1.0, 1.2]) is None
     assert report._log_axis_ticks([0.78, 1.0, 1.2, 3.64]) == [0.8, 1, 1.25, 1.5, 2, 3, 4]
     assert report._log_axis_ticks([None, 0.0]) is None
+
+
+def test_a_configuration_swept_with_an_earlier_scorer_revision_is_marked_and_swept_again(tmp_path):
+    # jsd-contrastive revision 2 restricts the amateur candidates in log space; a result recorded without
+    # "revision" is revision 1's: the table marks it (¶) and the next call sweeps it again
+    task, out, argv = _finished_for_retime(tmp_path, "jsd-contrastive,softmax-margin")
+    paths = {p.name.split("__")[2]: p for p in (out / "configs").glob("*.json")}
+    jsd = json.loads(paths["jsd-contrastive"].read_text())
+    assert jsd["configuration"]["decoder"]["scorer"]["params"]["revision"] == 2 and not report.scorer_stale(jsd)
+    del jsd["configuration"]["decoder"]["scorer"]["params"]["revision"]
+    jsd["certificates"][0]["test_risk"] = 0.123456  # a value only revision 1's row has
+    paths["jsd-contrastive"].write_text(json.dumps(jsd))
+    margin_before = paths["softmax-margin"].read_text()
+    assert report.scorer_stale(jsd)
+    assert study_table.main([*argv, "--report-only"], loader=_loader, tasks={"tiny": task}) == 0
+    doc = (tmp_path / "bench.md").read_text()
+    assert "| jsd-contrastive ¶ |" in doc and "| softmax-margin ¶" not in doc
+    assert "¶ swept and certified with an earlier revision of its scorer (jsd-contrastive: revision 1" in doc
+    assert study_table.main(argv, loader=_loader, tasks={"tiny": task}) == 0
+    again = json.loads(paths["jsd-contrastive"].read_text())
+    assert again["configuration"]["decoder"]["scorer"]["params"]["revision"] == 2
+    assert again["certificates"][0]["test_risk"] != 0.123456
+    assert paths["softmax-margin"].read_text() == margin_before  # current revision: not swept again
+    assert "¶" not in (tmp_path / "bench.md").read_text()

@@ -227,14 +227,21 @@ class JSDContrastive(ConfidenceScorer):
 
     name = "jsd-contrastive"
 
-    def __init__(self, alpha: float = 0.1, distance_discount: bool = True):
+    def __init__(self, alpha: float = 0.1, distance_discount: bool = True, revision: int = 2):
         if not isinstance(distance_discount, bool):
             raise ValueError(f"distance_discount must be a bool, got {distance_discount!r}")
+        if revision != 2:
+            raise ValueError(f"jsd-contrastive revision {revision!r} is not available: revision 2 (the only one) "
+                             "restricts the candidates to the head set in log space; revision 1 lost, in float32, "
+                             "every candidate whose head-set probabilities underflow. Calibrate again")
         self.alpha = _check_alpha(alpha)
         self.distance_discount = distance_discount
+        self.revision = revision
 
     def params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "distance_discount": self.distance_discount}
+        # the revision is part of every decoder description, loss-table key and certificate: a certificate
+        # of revision 1 (recorded without it) does not apply to this scorer
+        return {"alpha": self.alpha, "distance_discount": self.distance_discount, "revision": self.revision}
 
     def other_head_layers(self, layer: int) -> tuple[int, ...]:
         return tuple(range(layer))  # every lower layer is a candidate amateur
@@ -253,15 +260,17 @@ class JSDContrastive(ConfidenceScorer):
         p_expert = log_p_expert.exp()
         head = p_expert >= self.alpha * p_expert.max(dim=-1, keepdim=True).values
 
-        def restricted(p: torch.Tensor) -> torch.Tensor:
-            p = torch.where(head, p, torch.zeros_like(p))
-            return p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+        def restricted(log_p: torch.Tensor) -> torch.Tensor:
+            # renormalised on the head set in log space: exponentiating first lost every candidate whose
+            # head-set probabilities underflow (float32: below e^-103; the embedding layer's head spans
+            # some 240 nats), which then scored as all-zero and got the divergence of no distribution
+            return torch.softmax(torch.where(head, log_p, torch.full_like(log_p, -torch.inf)), dim=-1)
 
-        expert = restricted(p_expert)
+        expert = restricted(log_p_expert)
         best_layer = best_divergence = best = None
         first = 0  # layer of the chunk's first candidate
         for chunk in log_p_candidates:
-            divergence = jensen_shannon(expert, restricted(chunk.exp()))  # (c, B)
+            divergence = jensen_shannon(expert, restricted(chunk))  # (c, B)
             if self.distance_discount:
                 distance = layer - torch.arange(first, first + chunk.shape[0], device=divergence.device)
                 divergence = divergence / distance.to(divergence.dtype).unsqueeze(-1)
@@ -285,14 +294,50 @@ class JSDContrastive(ConfidenceScorer):
         log_p_expert = torch.log_softmax(view.logits.to(dtype), dim=-1)
         rows, width = view.logits.shape
         per_chunk = max(1, JSD_CHUNK_ELEMENTS // max(1, rows * width))
+        columns = self._head_columns(log_p_expert) if _may_read_host(view.logits) else None
 
         def chunks():
             for start in range(0, view.layer, per_chunk):
                 layers = range(start, min(view.layer, start + per_chunk))
-                yield torch.log_softmax(view.logits_of(layers).to(dtype), dim=-1)
+                logits = view.logits_of(layers)
+                if columns is not None:  # (c, B, k) -> (c, B, h + 1)
+                    logits = logits.gather(-1, columns.unsqueeze(0).expand(logits.shape[0], -1, -1))
+                yield torch.log_softmax(logits.to(dtype), dim=-1)
 
+        if columns is not None:
+            log_p_expert = log_p_expert.gather(-1, columns)
         _, log_p_amateur = self.choose_amateur(log_p_expert, chunks(), view.layer)
         return top1_minus_top2(contrast_distribution(log_p_expert, log_p_amateur, self.alpha))
+
+    def _head_columns(self, log_p_expert: torch.Tensor) -> torch.Tensor | None:
+        """(B, h + 1) the columns of the expert's h most probable tokens plus one, h the widest head set of the
+        batch (None when that is every column, or when ``JSD_HEAD_SET_COLUMNS`` is off).
+
+        Every quantity of the score depends on the candidates only through their logits on the expert's head
+        set: restricted and renormalised there, a candidate's distribution is the softmax of those logits, and
+        in the contrast its log-normaliser cancels. The head set holds the most probable tokens, and the one
+        more column carries the largest probability off it (the runner-up the margin may need), so the score
+        over these columns is the score over the whole set, up to rounding, at (h + 1) / k of the
+        arithmetic per candidate. The width h is read on the host, which CUDA-graph capture does not allow
+        (there every column is read, as before)."""
+        if not JSD_HEAD_SET_COLUMNS:
+            return None
+        p_expert = log_p_expert.exp()
+        head = p_expert >= self.alpha * p_expert.max(dim=-1, keepdim=True).values
+        width = int(head.sum(dim=-1).max()) + 1
+        if width >= log_p_expert.shape[-1]:
+            return None
+        return torch.topk(log_p_expert, width, dim=-1).indices
+
+
+def _may_read_host(tensor: torch.Tensor) -> bool:
+    """Whether a value of ``tensor`` may be read on the host now (not while a CUDA graph is captured)."""
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+#: whether the JSD search reads its candidates only on the expert's head-set columns where it can
+#: (``JSDContrastive._head_columns``); off, every column is read (what CUDA-graph capture always does)
+JSD_HEAD_SET_COLUMNS = True
 
 
 #: how many candidate log-probabilities (layers × rows × vocabulary) the JSD amateur search holds at once:
