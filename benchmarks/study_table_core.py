@@ -30,7 +30,8 @@ import numpy as np
 
 from ltt_exit._atomic import atomic_write_text
 from ltt_exit.sweep.run import DEFAULT_GRID
-from study_table_report import scorer_stale, timing_revision, timing_stale, timing_stale_at  # this script's folder is on sys.path
+# this script's folder is on sys.path
+from study_table_report import scorer_stale, timing_revision, timing_stale, timing_stale_at
 
 EPSILON = 0.05
 DELTAS = (0.1, 0.2)

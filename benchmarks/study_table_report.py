@@ -55,6 +55,7 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
         timing = r.get("timing", {})
         full_time = timing.get("1")
         metric_full = r["test"].get("metric_full", {})
+        revised = scorer_stale(r)  # one answer per configuration, shared by its rows
         for cert in r["certificates"]:
             lam = cert["lambda_hat"]
             at = full_time if lam >= 1 else timing.get(f"{lam:.6g}")
@@ -88,7 +89,7 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "timing_same_text": at.get("same_text_as_sweep") if at else None,
                 # the λ̂ timing predates its scorer's current decoding (TIMING_REVISIONS): slower than it is now
                 "timing_stale": bool(at) and timing_stale_at(at, lam, r["configuration"]["scorer"]),
-                "scorer_stale": scorer_stale(r),
+                "scorer_stale": revised,
             })
     order = {"none": 0, "fixed": 1, "decaying": 2}
     rows.sort(key=lambda x: (x["task"], x["model"], order.get(x["reduction_kind"], 9), x["scorer"], x["loss"],
