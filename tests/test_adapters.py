@@ -683,6 +683,7 @@ def test_a_certificate_of_the_first_jsd_revision_is_refused(tmp_path):
     config = decoder.config_dict()
     del config["scorer"]["params"]["revision"]
     decoder.config_dict = lambda: config  # as revision 1 recorded it
-    old = make_certificate(decoder, loaded, tmp_path / "old") if (tmp_path / "old").mkdir() is None else None
+    (tmp_path / "old").mkdir()
+    old = make_certificate(decoder, loaded, tmp_path / "old")
     with pytest.raises(CertificateMismatch, match="revision"):
         CertifiedDecoder(old, loaded)

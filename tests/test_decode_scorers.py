@@ -339,7 +339,7 @@ def test_jsd_score_on_the_head_set_columns_equals_the_score_on_every_column(monk
 def test_jsd_keeps_a_candidate_whose_head_set_probabilities_underflow_in_float32():
     # the embedding layer's head spans ~240 nats on SmolLM2: in float32 its probabilities on the expert's
     # head set fall below e^-103, and exponentiating before restricting lost it (an all-zero "distribution"
-    # with the divergence log(2)/2 instead of its true log(2))
+    # with the divergence log(2)/2 instead of its true, small one, beating the real maximum)
     vocab, layer = 16, 3
     expert = torch.zeros(1, vocab, dtype=torch.float64)
     expert[0, 8:12] = 10.0  # head set: tokens 8-11, uniform on it
