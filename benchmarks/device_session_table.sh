@@ -47,9 +47,10 @@ fi
 #    λ = 1 timing came from another machine, that were timed with one pass (on any GPU model:
 #    --retime-any-machine moves such a configuration's timings to the lent GPU, since the H200 that made the
 #    one-pass timings is often not lent), or whose JSD timing predates the batched head reading: three
-#    passes, median kept: 28 configurations, about 80 timings, one to two calls. The retime comes first
-#    because the eleventh session found the one-pass H200 λ = 1 timings 16-55 % above three-pass ones, so the
-#    table's wall-clock answer (Q1) rests on it. Then every JSD configuration: the twelfth session found that
+#    passes, median kept (the thirteenth session re-timed the 28 one-pass configurations, about 320 s on the
+#    H100; the stage now finds little or nothing to do). It came first because the eleventh session found the
+#    one-pass H200 λ = 1 timings 16-55 % above three-pass ones, so the table's wall-clock answer (Q1) rested
+#    on it. Then every JSD configuration: the twelfth session found that
 #    revision 1 of the scorer lost, in float32, the amateur candidates whose head-set probabilities underflow,
 #    so the table's JSD rows (marked ¶) are swept again with revision 2: fixed pruning first (on the CPU 9 of
 #    336 sequences changed), then none, then decaying pruning (336 of 336 unchanged on the CPU), with pruning
