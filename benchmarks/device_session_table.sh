@@ -77,37 +77,48 @@ TABLE="--device cuda --dtype bfloat16 --data-dir /tmp/study-data --n-test 50 --n
 TASKS=squad,samsum,iwslt2017-en-de,xsum,cnn-dailymail
 ALL_SCORERS=softmax-margin,weighted-contrastive,jsd-contrastive
 FROZEN="smollm2-135m=$GGUF"; EXIT_READY=smollm2-135m-exit=smollm2-135m-exit
-position=0
-for stage in "$FROZEN|softmax-margin|decaying,fixed|$TASKS|" \
-             "$FROZEN|weighted-contrastive|decaying|$TASKS|" \
-             "$EXIT_READY|softmax-margin|decaying|$TASKS|" \
-             "$FROZEN|softmax-margin|none|samsum,xsum,cnn-dailymail,squad,iwslt2017-en-de|" \
-             "$EXIT_READY|softmax-margin|fixed|$TASKS|" \
-             "$FROZEN|weighted-contrastive|fixed,none|$TASKS|" \
-             "$EXIT_READY|softmax-margin|none|$TASKS|" \
-             "$EXIT_READY|weighted-contrastive|decaying|$TASKS|" \
-             "$EXIT_READY|weighted-contrastive|fixed,none|$TASKS|" \
-             "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime --retime-any-machine" \
-             "$FROZEN|jsd-contrastive|fixed|$TASKS|" \
-             "$EXIT_READY|jsd-contrastive|fixed|$TASKS|" \
-             "$FROZEN|jsd-contrastive|none|$TASKS|--sweep-decoding grid" \
-             "$EXIT_READY|jsd-contrastive|none|$TASKS|--sweep-decoding grid" \
-             "$FROZEN $EXIT_READY|jsd-contrastive|decaying|$TASKS|" \
-             "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime --retime-any-machine"; do
-  IFS='|' read -r model scorers reductions tasks extra <<< "$stage"
-  # A stage that finished in an earlier call on this machine is skipped without starting Python: finding
-  # it finished again costs 12-17 s of imports and checks per stage on the H100, about 125 s a call over
-  # the stages earlier sessions finished (the thirteenth session's calls 2 and 3). The marker is keyed by
-  # the stage's position as well, since the last retime repeats the first one's selection but has work
-  # only after the JSD stages.
-  position=$((position + 1)); marker=$DONE/stage-$(echo "$position|$stage" | sha1sum | cut -c1-12)
-  [ -f $marker ] && continue
+STAGES=("$FROZEN|softmax-margin|decaying,fixed|$TASKS|"
+        "$FROZEN|weighted-contrastive|decaying|$TASKS|"
+        "$EXIT_READY|softmax-margin|decaying|$TASKS|"
+        "$FROZEN|softmax-margin|none|samsum,xsum,cnn-dailymail,squad,iwslt2017-en-de|"
+        "$EXIT_READY|softmax-margin|fixed|$TASKS|"
+        "$FROZEN|weighted-contrastive|fixed,none|$TASKS|"
+        "$EXIT_READY|softmax-margin|none|$TASKS|"
+        "$EXIT_READY|weighted-contrastive|decaying|$TASKS|"
+        "$EXIT_READY|weighted-contrastive|fixed,none|$TASKS|"
+        "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime --retime-any-machine"
+        "$FROZEN|jsd-contrastive|fixed|$TASKS|"
+        "$EXIT_READY|jsd-contrastive|fixed|$TASKS|"
+        "$FROZEN|jsd-contrastive|none|$TASKS|--sweep-decoding grid"
+        "$EXIT_READY|jsd-contrastive|none|$TASKS|--sweep-decoding grid"
+        "$FROZEN $EXIT_READY|jsd-contrastive|decaying|$TASKS|"
+        "$FROZEN $EXIT_READY|$ALL_SCORERS|none,fixed,decaying|$TASKS|--retime --retime-any-machine")
+stage_args() {  # the study_table.py arguments of one stage, less its time budget
+  IFS='|' read -r model scorers reductions tasks extra <<< "$1"
+  echo --models $model --tasks $tasks --scorers $scorers --reductions $reductions $TABLE $extra
+}
+# A finished stage is skipped without starting Python for it: a study_table.py process spends 12-17 s of
+# imports and checks on the H100 before it finds its stage finished, about 125 s a call over the stages
+# earlier sessions finished (the thirteenth session's calls). So one process checks every stage not yet
+# marked (study_table_pending.py, `--check` each), the finished ones are marked, and a stage that finishes
+# in a call is marked too, for the later calls on this machine. The marker is keyed by the stage's position
+# as well, since the last retime repeats the first one's selection but has work only after the JSD stages.
+marker() { echo "$DONE/stage-$(echo "$1|${STAGES[$(( $1 - 1 ))]}" | sha1sum | cut -c1-12)"; }
+: > $DONE/stages.txt
+for i in "${!STAGES[@]}"; do
+  if [ -f "$(marker $(( i + 1 )))" ]; then echo "# marked" >> $DONE/stages.txt; else stage_args "${STAGES[$i]}" >> $DONE/stages.txt; fi
+done
+if grep -qv '^# marked' $DONE/stages.txt; then
+  for position in $(python3 benchmarks/study_table_pending.py $DONE/stages.txt); do touch "$(marker $position)"; done
+fi
+log "table: $(ls $DONE | grep -c '^stage-') of ${#STAGES[@]} stages finished"
+for i in "${!STAGES[@]}"; do
+  position=$(( i + 1 )); [ -f "$(marker $position)" ] && continue
   [ "$(left)" -gt 90 ] || break
-  log "table: $model / $scorers / $reductions / $tasks $extra"
-  python3 benchmarks/study_table.py --models $model --tasks $tasks --scorers $scorers --reductions $reductions \
-    $TABLE $extra --time-budget $(( $(left) - 40 )) >> $OUT/study.log 2>&1
+  log "table: ${STAGES[$i]}"
+  python3 benchmarks/study_table.py $(stage_args "${STAGES[$i]}") --time-budget $(( $(left) - 40 )) >> $OUT/study.log 2>&1
   status=$?; tail -2 $OUT/study.log
-  [ $status -eq 0 ] && touch $marker
+  [ $status -eq 0 ] && touch "$(marker $position)"
   [ $status -eq 3 ] && break  # the time budget stopped it: the next call resumes this stage
 done
 # 3. the frozen backbone with affine exit adapters and an exit classifier fitted on IWSLT tst2016 (a split the

@@ -29,6 +29,11 @@ import study_table_core as core  # noqa: E402
 import study_table_report as report  # noqa: E402
 
 INCOMPLETE = 3  # exit status of a call stopped by --time-budget
+PENDING = 4  # exit status of --check when some selected work is still to do
+
+
+class _WorkPending(Exception):
+    """Raised by --check's loader: the first configuration that needs a model needs work."""
 DEFAULT_SCORERS = ("softmax-margin", "weighted-contrastive", "jsd-contrastive")
 DEFAULT_REDUCTIONS = ("none", "fixed", "decaying")
 
@@ -159,6 +164,10 @@ def parser() -> argparse.ArgumentParser:
                    help="compute (and write rows.json) only; leave the doc and the plots alone")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild rows.json, the doc and the plots from the results under --out (no model loaded)")
+    p.add_argument("--check", action="store_true",
+                   help="compute and write nothing, load no model: exit 0 when every selected configuration is "
+                        "finished (with --retime: nothing to time again), else 4; study_table_pending.py checks "
+                        "many selections in one process")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -227,6 +236,21 @@ def write_report(args, complete: bool, command: str) -> None:
     core._log(f"wrote {len(results)} configurations' rows to {args.doc} and {len(plots)} plots to {args.docs_dir}")
 
 
+def _check(specs, chosen, configs, settings) -> int:
+    """--check: walk the selection as a run would, with a loader that stops at the first configuration that
+    would need the model (a sweep or a timing to make)."""
+    def refuse(spec):
+        raise _WorkPending(spec.label)
+
+    try:
+        counts = core.run_study(specs, chosen, configs, settings, core.Budget(None), refuse)
+    except _WorkPending as pending:
+        print(f"study_table: work to do for model {pending}", file=sys.stderr)
+        return PENDING
+    print(f"study_table: nothing to do ({counts['done_before']} configurations finished)", file=sys.stderr)
+    return 0
+
+
 def main(argv=None, *, loader=None, tasks: dict | None = None, clock=time.monotonic) -> int:
     """``loader`` and ``tasks`` replace the model loader and the task list (tests); ``clock`` the budget's."""
     args = parser().parse_args(argv)
@@ -266,6 +290,8 @@ def main(argv=None, *, loader=None, tasks: dict | None = None, clock=time.monoto
 
         torch.set_num_threads(args.threads)
     settings = settings_from(args, command)
+    if args.check:
+        return _check(specs, chosen, configs, settings)
     complete = True
     try:
         counts = core.run_study(specs, chosen, configs, settings, budget,

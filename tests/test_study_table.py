@@ -461,6 +461,48 @@ def test_interrupted_run_resumes_to_the_same_rows(uninterrupted, tmp_path):
     assert {r["n_test"] for r in json.loads((out / "rows.json").read_text())["rows"]} == {3}
 
 
+def _no_model(spec):
+    raise AssertionError(f"--check loaded the model {spec.label}")
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_check_says_whether_a_selection_has_work_left_without_loading_or_writing(uninterrupted, tmp_path):
+    folder, task, out, _ = uninterrupted
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = _files(copy)
+
+    def check(*extra):
+        return study_table.main(_argv(copy, tmp_path, *extra, "--check"), loader=_no_model, tasks={"tiny": task})
+
+    assert check() == 0
+    assert check("--reductions", "decaying") == study_table.PENDING  # never swept
+    assert check("--retime") == 0
+    # timed with 3 passes: asking for 5 leaves timings to make again
+    assert check("--retime", "--time-passes", "5") == study_table.PENDING
+    assert _files(copy) == before and not (tmp_path / "bench.md").exists()
+
+
+def test_pending_names_the_finished_selections_checked_in_one_process(uninterrupted, capsys, tmp_path):
+    import shlex
+
+    import study_table_pending
+
+    folder, task, out, _ = uninterrupted
+
+    def line(*extra):
+        return shlex.join(_argv(out, folder, *extra))
+
+    lines = [line(), "# marked", line("--reductions", "decaying"), "", line("--deltas", "7"),
+             line("--reductions", "nope"), line("--retime")]
+    assert study_table_pending.finished_selections(lines, loader=_no_model, tasks={"tiny": task}) == [1, 7]
+    assert study_table_pending.main([str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+
+
 def _table(texts, full, references, flops, layers, tokens, n_copies=1) -> LossTable:
     """A loss table by hand: texts (n, K), full texts (n,), references (n,), flops/layers/tokens (n, K)."""
     texts = np.array(texts * n_copies, dtype=object)
