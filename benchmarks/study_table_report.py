@@ -252,6 +252,7 @@ def _answer_wall_clock(rows):
         out.append("Median runtime ratio by reduction: " + ", ".join(
             f"{k} {np.median(v):.2f} ({len(v)} rows)" for k, v in sorted(by_reduction.items())) + ".")
         out.extend(_timing_spread(timed))
+        out.extend(_exit_depth_and_speed(timed))
     if apart:
         out.append(f"Left out: {len(apart)} timed rows with λ̂ < 1 (‡) whose λ̂ and λ = 1 runtimes were measured on "
                    "different machines.")
@@ -283,6 +284,33 @@ def _answer_wall_clock(rows):
     if rows:
         out.append(_test_risk_over_delta(rows))
     return out + [""]
+
+
+#: bands of the share of layers a row's tokens keep on average (mean exit layer / L), for the Q1 line
+KEPT_BANDS = (0.0, 2 / 3, 3 / 4, 7 / 8, 1.0)
+
+
+def _exit_depth_and_speed(timed: list[dict]) -> list[str]:
+    """Whether a row beat the full model at batch 1, by how deep its tokens left: at batch 1 a small model is
+    bound by per-layer overhead, so an exit pays for its consulted heads only when it skips enough layers."""
+    kept = [(r["mean_exit_layer"] / r["num_layers"], r) for r in timed
+            if r.get("mean_exit_layer") is not None and r.get("num_layers")]
+    if not kept:
+        return []
+    parts = []
+    for lo, hi in zip(KEPT_BANDS, KEPT_BANDS[1:]):
+        band = [r for share, r in kept if lo <= share < hi or (hi == 1.0 and share == 1.0)]
+        if band:
+            faster = sum(r["runtime_s"] < r["runtime_full_s"] for r in band)
+            parts.append(f"{faster} of {len(band)} keeping {100 * lo:.0f}–{100 * hi:.0f} %")
+    text = ("Faster than the full model at batch 1, by the share of layers the tokens keep (mean exit layer / L): "
+            + ", ".join(parts) + ".")
+    faster = [(share, r) for share, r in kept if r["runtime_s"] < r["runtime_full_s"]]
+    if faster:
+        share, r = max(faster, key=lambda x: x[0])
+        text += (f" The deepest faster row keeps {100 * share:.0f} % ({r['mean_exit_layer']:.2f} of {r['num_layers']}: "
+                 f"{r['model']}, {r['task']}, {r['reduction']}, {r['scorer']}, λ̂ {r['lambda_hat']:g}).")
+    return [text]
 
 
 def _test_risk_over_delta(rows: list[dict]) -> str:

@@ -260,6 +260,19 @@ def test_question_1_says_which_sides_hold_in_every_timed_pass():
     assert "1 of these rows rest on one timed pass" in text
 
 
+def test_question_1_says_how_deep_the_rows_that_beat_the_full_model_exit():
+    def row(layers, runtime):
+        return {"model": "m", "task": "t", "reduction": "decaying", "scorer": "s", "lambda_hat": 0.5,
+                "mean_exit_layer": layers, "num_layers": 30, "runtime_s": runtime, "runtime_full_s": 1.0}
+
+    rows = [row(18.0, 0.8), row(19.5, 1.1), row(21.0, 0.9), row(27.0, 1.3), row(30.0, 1.0)]
+    text = "\n".join(report._exit_depth_and_speed(rows))
+    assert ("by the share of layers the tokens keep (mean exit layer / L): 1 of 2 keeping 0–67 %, 1 of 1 keeping "
+            "67–75 %, 0 of 2 keeping 88–100 %.") in text
+    assert "The deepest faster row keeps 70 % (21.00 of 30: m, t, decaying, s, λ̂ 0.5)." in text
+    assert "deepest" not in "\n".join(report._exit_depth_and_speed([row(25.0, 1.2)]))
+
+
 def test_rows_whose_test_risk_exceeds_delta_are_named_with_their_calibration_risk():
     def row(test_risk, **extra):
         return dict({"model": "m", "task": "t", "reduction": "fixed k=1000", "scorer": "s", "loss": "textual",
