@@ -30,12 +30,12 @@ import study_table_report as report  # noqa: E402
 
 INCOMPLETE = 3  # exit status of a call stopped by --time-budget
 PENDING = 4  # exit status of --check when some selected work is still to do
+DEFAULT_SCORERS = ("softmax-margin", "weighted-contrastive", "jsd-contrastive")
+DEFAULT_REDUCTIONS = ("none", "fixed", "decaying")
 
 
 class _WorkPending(Exception):
     """Raised by --check's loader: the first configuration that needs a model needs work."""
-DEFAULT_SCORERS = ("softmax-margin", "weighted-contrastive", "jsd-contrastive")
-DEFAULT_REDUCTIONS = ("none", "fixed", "decaying")
 
 
 def _names(text: str, known, what: str) -> list[str]:
