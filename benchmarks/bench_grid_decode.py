@@ -16,6 +16,7 @@ the share of identical sequences; exit status 1 unless all are).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -43,6 +44,10 @@ def main(argv=None) -> int:
     parser.add_argument("--code", type=Path, default=None, help="a checkout whose ltt_exit package is timed instead")
     parser.add_argument("--json", type=Path, default=None, help="write timing and outputs here")
     parser.add_argument("--compare", type=Path, default=None, help="a --json file of another run: check same outputs")
+    parser.add_argument("--jsd-widths", action="store_true",
+                        help="with jsd-contrastive: record how many vocabulary columns each amateur search reads "
+                             "(the batch's widest expert head set plus one; eager decoding only) and report their "
+                             "quantiles (the counting adds a little to the timing)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.code.resolve() if args.code else REPO))
 
@@ -87,11 +92,12 @@ def main(argv=None) -> int:
         else:
             decode(prompts[:2])
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    full, early = sweep()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    with jsd_width_counter() if args.jsd_widths else contextlib.nullcontext() as widths:
+        start = time.perf_counter()
+        full, early = sweep()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
     stats = getattr(decoder, "last_grid_stats", None) if args.decoding == "grid" else None
     prompt_steps = sum(len(sequence.token_ids) for sequence in full)
     result = {
@@ -107,6 +113,10 @@ def main(argv=None) -> int:
         "outputs": [[sequence.token_ids, sequence.exit_layers] for row in early for sequence in row]
                    + [[sequence.token_ids, sequence.exit_layers] for sequence in full],
     }
+    if widths is not None:
+        result["jsd_head_columns"] = width_summary(widths, loaded.model.config.vocab_size)
+        print("JSD amateur search columns read (widest head set + 1 per call): "
+              + json.dumps(result["jsd_head_columns"]))
     shared = f", {stats.rows_decoded} rows decoded, sharing {stats.sharing:.2f}" if stats else ""
     print(f"{len(prompts)} prompts x {len(DEFAULT_GRID)} candidates x {args.max_new_tokens} tokens ({args.decoding}, "
           f"{args.scorer}, {args.pruning}, {device}, {result['dtype']}): {seconds:.1f} s, "
@@ -125,6 +135,37 @@ def main(argv=None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(result))
     return status
+
+
+@contextlib.contextmanager
+def jsd_width_counter():
+    """Inside: every JSD amateur search that reads only its head-set columns appends (rows, columns read)."""
+    from ltt_exit.decode import scorers
+
+    calls: list[tuple[int, int]] = []
+    read_columns = scorers.JSDContrastive._head_columns
+
+    def counted(self, log_p_expert):
+        columns = read_columns(self, log_p_expert)
+        calls.append((log_p_expert.shape[0], log_p_expert.shape[-1] if columns is None else columns.shape[-1]))
+        return columns
+
+    scorers.JSDContrastive._head_columns = counted
+    try:
+        yield calls
+    finally:
+        scorers.JSDContrastive._head_columns = read_columns
+
+
+def width_summary(calls: list[tuple[int, int]], vocab: int) -> dict:
+    import numpy as np
+
+    if not calls:
+        return {"calls": 0}
+    rows, columns = np.array(calls).T
+    return {"calls": len(calls), "vocabulary": vocab, "rows_median": float(np.median(rows)),
+            "rows_max": int(rows.max()),
+            "columns_quantiles": {q: float(np.quantile(columns, float(q))) for q in ("0.5", "0.9", "0.99", "1")}}
 
 
 if __name__ == "__main__":

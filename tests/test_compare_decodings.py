@@ -55,3 +55,25 @@ def test_bench_grid_decode_refuses_an_unknown_scorer_before_loading_a_model(caps
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--scorer: 'no-such-scorer' is not one of" in err and "jsd-contrastive" in err
+
+
+def test_bench_grid_decode_counts_the_columns_each_jsd_search_reads_and_restores_the_scorer():
+    import bench_grid_decode
+    import torch
+
+    from ltt_exit.decode.scorers import JSDContrastive
+
+    scorer = JSDContrastive(alpha=0.1)
+    # row 0: one token far above the rest (head set of 1); row 1: three tokens level (head set of 3)
+    logits = torch.full((2, 50), -20.0)
+    logits[0, 7] = 5.0
+    logits[1, :3] = 5.0
+    log_p = torch.log_softmax(logits, dim=-1)
+    reading = JSDContrastive._head_columns
+    with bench_grid_decode.jsd_width_counter() as calls:
+        columns = scorer._head_columns(log_p)
+    assert JSDContrastive._head_columns is reading
+    assert calls == [(2, 4)] and columns.shape == (2, 4)  # the widest head set (3) plus one
+    summary = bench_grid_decode.width_summary(calls + [(5, 10), (3, 50)], vocab=50)
+    assert summary["calls"] == 3 and summary["rows_max"] == 5 and summary["columns_quantiles"]["1"] == 50
+    assert summary["columns_quantiles"]["0.5"] == 10
