@@ -557,10 +557,9 @@ def section(results: list[dict], command: str, plots: list[Path], doc: Path | No
     rows = rows_from_results(results)
     calls = _computing_commands(results, command)
     if calls:  # the last call alone computed few or none of the rows: it does not say how they were made
-        recorded = {r.get("command") for r in results} - {None}
-        unrecorded = any(r.get("command") is None for r in results)
-        origin = (f"Assembled from the JSON results of {len(recorded)} calls of `benchmarks/study_table.py`"
-                  + (" and of earlier ones that did not record their command" if unrecorded else "")
+        commands = {r.get("command") for r in results}
+        origin = (f"Assembled from the JSON results of {len(commands - {None})} calls of `benchmarks/study_table.py`"
+                  + (" and of earlier ones that did not record their command" if None in commands else "")
                   + " (listed below) under the `--out` folder, by `python benchmarks/study_table.py --report-only`; "
                   "docs/study_table.md says how the GPU runs are chained.")
     else:
