@@ -294,7 +294,6 @@ def test_jsd_score_is_the_same_however_the_candidates_are_read(monkeypatch, chun
     assert max(len(chunk) for chunk in reads) == min(per_chunk, layer)
 
 
-
 @pytest.mark.parametrize("spread", [0.05, 1.0, 6.0])  # near-flat experts (a wide head set) to peaked ones
 @pytest.mark.parametrize("discount", [False, True])
 def test_jsd_score_on_the_head_set_columns_equals_the_score_on_every_column(monkeypatch, spread, discount):
