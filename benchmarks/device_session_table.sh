@@ -60,15 +60,18 @@ fi
 #    what those left. Each call goes as far as it can and the next one resumes.
 #    Stage: models|scorers|reductions|tasks|extra.
 [ -d /tmp/study_out ] || cp -r benchmarks/results/study_table /tmp/study_out
-# Unfinished sweeps outlive the machine: each call sends back its partial sweep files (study_out/partials in
-# session.tgz), and a later session that carries them in .device/partials resumes them instead of starting
-# over (a partial file names its sweep's configuration key; a mismatch is refused, never mixed). A partial
-# already on this machine is newer than the carried copy and is kept.
+# Unfinished work outlives the machine: each call sends back its partial sweep files and the finished loss
+# tables of configurations not yet written (swept, but stopped while timing) in study_out/partials of
+# session.tgz, and a later session that carries them in .device/partials resumes them instead of sweeping
+# again (a file names its sweep's configuration key; a mismatch is refused, never mixed). A file already on
+# this machine is newer than the carried copy and is kept, and a partial whose table is finished is not put
+# back (the carried folder stays on the machine between calls).
 if [ -d .device/partials ]; then
   mkdir -p /tmp/study_out/tables
-  for f in .device/partials/*.partial.jsonl; do
-    if [ -f "$f" ] && [ ! -f "/tmp/study_out/tables/$(basename "$f")" ]; then
-      cp "$f" /tmp/study_out/tables/ && log "resuming $(basename "$f")"
+  for f in .device/partials/*.partial.jsonl .device/partials/*.parquet; do
+    name=$(basename "$f"); finished=/tmp/study_out/tables/${name%.partial.jsonl}
+    if [ -f "$f" ] && [ ! -f "/tmp/study_out/tables/$name" ] && [ ! -f "$finished" ]; then
+      cp "$f" /tmp/study_out/tables/ && log "resuming from $name"
     fi
   done
 fi
@@ -142,4 +145,8 @@ fi
 mkdir -p $OUT/study_out && cp -r /tmp/study_out/configs /tmp/study_out/timing /tmp/study_out/rows.json $OUT/study_out/ 2>/dev/null
 rm -rf $OUT/study_out/partials; mkdir -p $OUT/study_out/partials
 cp /tmp/study_out/tables/*.partial.jsonl $OUT/study_out/partials/ 2>/dev/null
+for f in /tmp/study_out/tables/*.parquet; do  # <configuration>__<cal|test>__<key>.parquet
+  config=$(basename "$f" | sed -E 's/__(cal|test)__[0-9a-f]+\.parquet$//')
+  [ -f "$f" ] && [ ! -f "/tmp/study_out/configs/$config.json" ] && cp "$f" $OUT/study_out/partials/
+done
 log "end"

@@ -135,7 +135,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-decoding", choices=("grid", "rows"), default="grid",
                    help="grid: candidates that agree share a batch row (eager; least arithmetic, the CPU's choice); "
                         "rows: K + 1 rows per prompt on the fast path (static buffers, CUDA graphs on CUDA). The "
-                        "same outputs either way: cached tables and finished configurations are reused across it")
+                        "same outputs in exact arithmetic, so cached tables and finished configurations are reused "
+                        "across it; in bf16 the batch shapes round differently and can move even the full output "
+                        "(the table's ‖ note names where)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fused exit decision of the timed fast path (CUDA; slow first call)")
     p.add_argument("--time-passes", type=int, default=3,

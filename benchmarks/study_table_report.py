@@ -83,8 +83,10 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 # the machine of each timing (its GPU model; older results name only "cuda:0"): a row's two
                 # runtimes compare only when both were timed on the same kind of machine
                 "timing_device": _machine_of(full_time), "timing_device_at": _machine_of(at),
-                # where the loss tables were swept (rows of one task may come from different machines)
-                "sweep": f"{_machine_of(r.get('sweep')) or '?'}, {str(r['model'].get('dtype')).replace('torch.', '')}",
+                # where and how the loss tables were swept (rows of one task may come from different machines
+                # and decodings; in bf16 the decoding's batch shapes alone move the full output)
+                "sweep": f"{_machine_of(r.get('sweep')) or '?'}, {str(r['model'].get('dtype')).replace('torch.', '')}"
+                         f", {_decoding_of(r.get('sweep'))} sweep",
                 # share of the timed prompts whose fast-path text equals the sweep's at this λ (1.0 expected)
                 "timing_same_text": at.get("same_text_as_sweep") if at else None,
                 # the λ̂ timing predates its scorer's current decoding (TIMING_REVISIONS): slower than it is now
@@ -100,6 +102,12 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
 def _machine_of(record: dict | None) -> str | None:
     """The GPU model a timing or a sweep ran on ("cpu" on the CPU; results older than the field: the device)."""
     return None if not record else record.get("hardware", record.get("device"))
+
+
+def _decoding_of(sweep: dict | None) -> str:
+    """How a configuration's loss tables were decoded: "grid" or "rows" (results written before the rows sweep
+    existed, commit 74d2585, record none and were all swept with the grid)."""
+    return (sweep or {}).get("decoding", "grid")
 
 
 def timings_comparable(row) -> bool:
@@ -134,6 +142,13 @@ SCORER_REVISION_NOTE = ("¶ swept and certified with an earlier revision of its 
 DIFFERENT_MACHINES_NOTE = ("‡ the runtime at λ̂ was measured on {at}, the one at λ = 1 on {full} (the λ = 1 timing is "
                            "shared by the task's configurations and was kept from an earlier session): the two "
                            "are not comparable, and question 1 leaves these rows out.")
+
+
+FULL_OUTPUT_NOTE = ("‖ the full model's test {metric} differs between configurations of {model}: {values}. Each "
+                    "sweep decodes λ = 1 itself, and in {dtype} another batch shape rounds differently (the grid "
+                    "sweep batches the distinct candidates of many prompts, the rows sweep K + 1 rows per "
+                    "prompt), enough to flip greedy near-ties; each row's early metric and test risk are against "
+                    "its own sweep's full output, so compare a row's early metric with its own full column.")
 
 
 STALE_TIMING_NOTE = ("§ timed with an older, slower decoding of its scorer ({scorers}: one exit-head call per lower "
@@ -201,8 +216,10 @@ def markdown_table(rows: list[dict]) -> list[str]:
         vacuous = [r for r in block if delta_reaches_full_metric(r)]
         if vacuous:
             m = vacuous[0]["risk_metric"]
-            values = ", ".join(sorted({f"{r['model']} {r['cal_metric_full'][m]:.3f}" for r in vacuous}))
+            values = ", ".join(f"{model} {_span([r['cal_metric_full'][m] for r in vacuous if r['model'] == model])}"
+                               for model in sorted({r["model"] for r in vacuous}))
             lines += ["", VACUOUS_NOTE.format(metric=PRIMARY_METRIC_LABEL.get(m, m), values=values)]
+        lines += full_output_notes(block)
         apart = sorted({(r["timing_device_at"], r["timing_device"]) for r in block if not timings_comparable(r)})
         for at, full in apart:
             lines += ["", DIFFERENT_MACHINES_NOTE.format(at=at, full=full)]
@@ -213,6 +230,37 @@ def markdown_table(rows: list[dict]) -> list[str]:
         if revised:
             lines += ["", SCORER_REVISION_NOTE.format(scorers=", ".join(revised))]
         lines.append("")
+    return lines
+
+
+def _span(values: list[float]) -> str:
+    """A calibration mean as the note prints it: one value, or the range its configurations' sweeps gave."""
+    low, high = f"{min(values):.3f}", f"{max(values):.3f}"
+    return low if low == high else f"{low}–{high}"
+
+
+def full_output_notes(block: list[dict]) -> list[str]:
+    """One note per model of a task block whose configurations report different full-model test metrics (as
+    printed), naming the value each decoding gave, so that the table does not pass a decoding effect off as
+    the model's quality."""
+    lines = []
+    for model in sorted({r["model"] for r in block}):
+        rows = [r for r in block if r["model"] == model]
+        m = rows[0]["risk_metric"]
+        by_value: dict[str, dict[str, set]] = {}
+        for r in rows:
+            value = _f(100 * r["metric_full"][m], 1) if m in r["metric_full"] else "–"
+            configs = by_value.setdefault(value, {})
+            configs.setdefault(r["sweep"].rsplit(", ", 1)[-1], set()).add((r["reduction"], r["scorer"]))
+        if len(by_value) < 2:
+            continue
+        values = "; ".join(
+            f"{value} from " + ", ".join(f"{len(configs)} configuration{'s' if len(configs) > 1 else ''} of the "
+                                         f"{how}" for how, configs in sorted(by_value[value].items()))
+            for value in sorted(by_value, key=lambda v: -sum(len(c) for c in by_value[v].values())))
+        dtypes = sorted({r["sweep"].split(", ")[1] for r in rows if r["sweep"].count(", ") >= 2})
+        lines += ["", FULL_OUTPUT_NOTE.format(metric=PRIMARY_METRIC_LABEL.get(m, m), model=model, values=values,
+                                              dtype=" and ".join(dtypes) or "this number format")]
     return lines
 
 

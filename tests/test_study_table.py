@@ -380,7 +380,9 @@ def test_the_rows_sweep_on_the_fast_path_gives_the_grid_sweeps_rows(uninterrupte
     rows_out = tmp_path / "out"
     assert study_table.main(_argv(rows_out, tmp_path, "--sweep-decoding", "rows"), loader=_loader,
                             tasks={"tiny": task}) == status
-    assert _rows(rows_out) == _rows(out)
+    # the same rows in float32, save the label of how they were swept
+    assert [dict(r, sweep=None) for r in _rows(rows_out)] == [dict(r, sweep=None) for r in _rows(out)]
+    assert {r["sweep"] for r in _rows(rows_out)} == {"cpu, float32, rows sweep"}
     result = json.loads(next((rows_out / "configs").glob("*.json")).read_text())
     assert result["sweep"]["decoding"] == "rows"
 
@@ -444,9 +446,32 @@ def test_task_block_says_how_its_rows_were_swept_and_timed(uninterrupted):
     folder, task, out, status = uninterrupted
     rows = json.loads((out / "rows.json").read_text())["rows"]
     text = "\n".join(report.markdown_table(rows))
-    assert "swept on cpu" in text and "batch-1 timing on the first 2 test prompts (cpu)" in text
+    assert "swept on cpu, float32, grid sweep" in text and "batch-1 timing on the first 2 test prompts (cpu)" in text
     untimed = "\n".join(report.markdown_table([dict(r, n_time=0, timing_device=None) for r in rows]))
     assert "not timed" in untimed and "timing on the first" not in untimed
+    # results written before the rows sweep existed record no decoding: they were swept with the grid
+    config = json.loads(next((out / "configs").glob("*.json")).read_text())
+    config["sweep"] = {k: v for k, v in config["sweep"].items() if k != "decoding"}
+    assert {r["sweep"] for r in report.rows_from_results([config])} == {"cpu, float32, grid sweep"}
+
+
+def test_a_full_output_that_moves_with_the_sweeps_decoding_is_named_per_model(uninterrupted):
+    # in bf16 the grid and the rows sweep decode λ = 1 in different batch shapes, and the full output can
+    # differ; the table must say which value came from which decoding instead of showing two "full" models
+    folder, task, out, status = uninterrupted
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    assert "‖" not in "\n".join(report.markdown_table(rows))  # one decoding, one full output: no note
+    first = rows[0]["reduction"], rows[0]["scorer"]
+    moved = [dict(r, sweep="gpu, bfloat16, rows sweep", metric_full={"rouge-l": r["metric_full"]["rouge-l"] + 0.013})
+             if (r["reduction"], r["scorer"]) == first else r for r in rows]
+    other = [dict(r, model="other") for r in rows]  # a second model whose full output does not move
+    text = "\n".join(report.markdown_table(moved + other))
+    n_configs = len({(r["reduction"], r["scorer"]) for r in rows})
+    full = 100 * rows[0]["metric_full"]["rouge-l"]
+    assert text.count("‖") == 1 and "configurations of tiny:" in text and "of other" not in text
+    assert (f"{full + 1.3:.1f} from 1 configuration of the rows sweep" in text
+            and f"{full:.1f} from {n_configs - 1} configuration" in text)
+    assert "in bfloat16 and float32 another batch shape rounds differently" in text  # the dtypes of its sweeps
 
 
 def test_interrupted_run_resumes_to_the_same_rows(uninterrupted, tmp_path):

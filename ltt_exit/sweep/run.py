@@ -50,7 +50,8 @@ class SweepSpec:
     metric : per-example similarity name from :mod:`ltt_exit.metrics`.
     loss : "textual" (1 − m(Y_early, Y_full)) or "risk" (excess loss against the reference).
     prompts_per_batch : prompts decoded together (each brings K + 1 rows).
-    decoding : how the candidates are decoded (the same outputs either way, so not part of the table's key):
+    decoding : how the candidates are decoded (the same outputs in exact arithmetic, so not part of the
+        table's key; in bf16 the two batch shapes round differently and flip greedy near-ties, even at λ = 1):
         "grid": ``decoder.generate_grid``, candidates that agree share a batch row (eager; the least
         arithmetic: the CPU's choice); "rows": one batch row per candidate through ``decoder.generate``
         (K + 1 rows per prompt, no sharing): with a ``FastEarlyExitDecoder`` on CUDA that is static buffers
