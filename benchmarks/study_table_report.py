@@ -56,6 +56,7 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
         full_time = timing.get("1")
         metric_full = r["test"].get("metric_full", {})
         revised = scorer_stale(r)  # one answer per configuration, shared by its rows
+        dtype, decoding = str(r["model"].get("dtype")).replace("torch.", ""), _decoding_of(r.get("sweep"))
         for cert in r["certificates"]:
             lam = cert["lambda_hat"]
             at = full_time if lam >= 1 else timing.get(f"{lam:.6g}")
@@ -85,8 +86,8 @@ def rows_from_results(results: list[dict]) -> list[dict[str, Any]]:
                 "timing_device": _machine_of(full_time), "timing_device_at": _machine_of(at),
                 # where and how the loss tables were swept (rows of one task may come from different machines
                 # and decodings; in bf16 the decoding's batch shapes alone move the full output)
-                "sweep": f"{_machine_of(r.get('sweep')) or '?'}, {str(r['model'].get('dtype')).replace('torch.', '')}"
-                         f", {_decoding_of(r.get('sweep'))} sweep",
+                "sweep": f"{_machine_of(r.get('sweep')) or '?'}, {dtype}, {decoding} sweep",
+                "sweep_dtype": dtype, "sweep_decoding": decoding,
                 # share of the timed prompts whose fast-path text equals the sweep's at this λ (1.0 expected)
                 "timing_same_text": at.get("same_text_as_sweep") if at else None,
                 # the λ̂ timing predates its scorer's current decoding (TIMING_REVISIONS): slower than it is now
@@ -251,16 +252,16 @@ def full_output_notes(block: list[dict]) -> list[str]:
         for r in rows:
             value = _f(100 * r["metric_full"][m], 1) if m in r["metric_full"] else "–"
             configs = by_value.setdefault(value, {})
-            configs.setdefault(r["sweep"].rsplit(", ", 1)[-1], set()).add((r["reduction"], r["scorer"]))
+            configs.setdefault(f"{r['sweep_decoding']} sweep", set()).add((r["reduction"], r["scorer"]))
         if len(by_value) < 2:
             continue
         values = "; ".join(
             f"{value} from " + ", ".join(f"{len(configs)} configuration{'s' if len(configs) > 1 else ''} of the "
                                          f"{how}" for how, configs in sorted(by_value[value].items()))
             for value in sorted(by_value, key=lambda v: -sum(len(c) for c in by_value[v].values())))
-        dtypes = sorted({r["sweep"].split(", ")[1] for r in rows if r["sweep"].count(", ") >= 2})
+        dtypes = " and ".join(sorted({r["sweep_dtype"] for r in rows}))
         lines += ["", FULL_OUTPUT_NOTE.format(metric=PRIMARY_METRIC_LABEL.get(m, m), model=model, values=values,
-                                              dtype=" and ".join(dtypes) or "this number format")]
+                                              dtype=dtypes)]
     return lines
 
 

@@ -381,7 +381,8 @@ def test_the_rows_sweep_on_the_fast_path_gives_the_grid_sweeps_rows(uninterrupte
     assert study_table.main(_argv(rows_out, tmp_path, "--sweep-decoding", "rows"), loader=_loader,
                             tasks={"tiny": task}) == status
     # the same rows in float32, save the label of how they were swept
-    assert [dict(r, sweep=None) for r in _rows(rows_out)] == [dict(r, sweep=None) for r in _rows(out)]
+    label = {"sweep": None, "sweep_decoding": None}
+    assert [dict(r, **label) for r in _rows(rows_out)] == [dict(r, **label) for r in _rows(out)]
     assert {r["sweep"] for r in _rows(rows_out)} == {"cpu, float32, rows sweep"}
     result = json.loads(next((rows_out / "configs").glob("*.json")).read_text())
     assert result["sweep"]["decoding"] == "rows"
@@ -452,7 +453,8 @@ def test_task_block_says_how_its_rows_were_swept_and_timed(uninterrupted):
     # results written before the rows sweep existed record no decoding: they were swept with the grid
     config = json.loads(next((out / "configs").glob("*.json")).read_text())
     config["sweep"] = {k: v for k, v in config["sweep"].items() if k != "decoding"}
-    assert {r["sweep"] for r in report.rows_from_results([config])} == {"cpu, float32, grid sweep"}
+    older = report.rows_from_results([config])
+    assert {(r["sweep"], r["sweep_decoding"]) for r in older} == {("cpu, float32, grid sweep", "grid")}
 
 
 def test_a_full_output_that_moves_with_the_sweeps_decoding_is_named_per_model(uninterrupted):
@@ -462,7 +464,8 @@ def test_a_full_output_that_moves_with_the_sweeps_decoding_is_named_per_model(un
     rows = json.loads((out / "rows.json").read_text())["rows"]
     assert "‖" not in "\n".join(report.markdown_table(rows))  # one decoding, one full output: no note
     first = rows[0]["reduction"], rows[0]["scorer"]
-    moved = [dict(r, sweep="gpu, bfloat16, rows sweep", metric_full={"rouge-l": r["metric_full"]["rouge-l"] + 0.013})
+    moved = [dict(r, sweep_dtype="bfloat16", sweep_decoding="rows",
+                  metric_full={"rouge-l": r["metric_full"]["rouge-l"] + 0.013})
              if (r["reduction"], r["scorer"]) == first else r for r in rows]
     other = [dict(r, model="other") for r in rows]  # a second model whose full output does not move
     text = "\n".join(report.markdown_table(moved + other))
