@@ -107,6 +107,13 @@ stage_args() {  # the study_table.py arguments of one stage, less its time budge
 # in a call is marked too, for the later calls on this machine. The marker is keyed by the stage's position
 # as well, since the last retime repeats the first one's selection but has work only after the JSD stages.
 marker() { echo "$DONE/stage-$(echo "$1|${STAGES[$(( $1 - 1 ))]}" | sha1sum | cut -c1-12)"; }
+run_table() {  # study_table.py ARGS with what the call's budget leaves; marks $1 when it finishes; its exit status
+  local done_marker=$1; shift
+  python3 benchmarks/study_table.py "$@" --time-budget $(( $(left) - 40 )) >> $OUT/study.log 2>&1
+  local status=$?; tail -2 $OUT/study.log
+  [ $status -eq 0 ] && touch "$done_marker"
+  return $status
+}
 : > $DONE/stages.txt
 for i in "${!STAGES[@]}"; do
   if [ -f "$(marker $(( i + 1 )))" ]; then echo "# marked" >> $DONE/stages.txt; else stage_args "${STAGES[$i]}" >> $DONE/stages.txt; fi
@@ -119,10 +126,8 @@ for i in "${!STAGES[@]}"; do
   position=$(( i + 1 )); [ -f "$(marker $position)" ] && continue
   [ "$(left)" -gt 90 ] || break
   log "table: ${STAGES[$i]}"
-  python3 benchmarks/study_table.py $(stage_args "${STAGES[$i]}") --time-budget $(( $(left) - 40 )) >> $OUT/study.log 2>&1
-  status=$?; tail -2 $OUT/study.log
-  [ $status -eq 0 ] && touch "$(marker $position)"
-  [ $status -eq 3 ] && break  # the time budget stopped it: the next call resumes this stage
+  run_table "$(marker $position)" $(stage_args "${STAGES[$i]}")
+  [ $? -eq 3 ] && break  # the time budget stopped it: the next call resumes this stage
 done
 # 3. the frozen backbone with affine exit adapters and an exit classifier (label smollm2-135m-affine), fitted
 #    per task on examples the table never reads, then the margin and exit-classifier rows through them
@@ -151,12 +156,9 @@ for fit in "${FITS[@]}"; do
     tail -1 $OUT/fit-$task.log
   fi
   [ -f $ADAPTERS ] || continue
-  python3 benchmarks/study_table.py --models smollm2-135m-affine=$GGUF --exit-adapters smollm2-135m-affine=$ADAPTERS \
-    --tasks $task --scorers softmax-margin --reductions decaying $TABLE --time-budget $(( $(left) - 40 )) \
-    >> $OUT/study.log 2>&1
-  status=$?; tail -2 $OUT/study.log
-  [ $status -eq 0 ] && touch $DONE/adapters-$task
-  [ $status -eq 3 ] && break
+  run_table $DONE/adapters-$task --models smollm2-135m-affine=$GGUF --exit-adapters smollm2-135m-affine=$ADAPTERS \
+    --tasks $task --scorers softmax-margin --reductions decaying $TABLE
+  [ $? -eq 3 ] && break
 done
 mkdir -p $OUT/study_out && cp -r /tmp/study_out/configs /tmp/study_out/timing /tmp/study_out/rows.json $OUT/study_out/ 2>/dev/null
 rm -rf $OUT/study_out/partials; mkdir -p $OUT/study_out/partials
