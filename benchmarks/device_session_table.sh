@@ -142,8 +142,8 @@ FITS=("iwslt2017-en-de|iwslt2017_en-de_tst2016.jsonl|tst2016|iwslt2017_en-de_tst
       "samsum|samsum_test.jsonl|validation|samsum_test.jsonl|validation|32|samsum-disjoint"
       "xsum|xsum_test_helm1000.jsonl|test|xsum_test_helm1000.jsonl|test|32|xsum-disjoint")
 # A task whose margin and exit-classifier configurations a GPU already swept and timed (an earlier session's,
-# carried in benchmarks/results) is skipped: on a fresh machine the fit would run again and, its file's
-# fingerprint being part of the configurations' identity, sweep them again.
+# carried in benchmarks/results) is skipped: on a fresh machine the fit would run again and, a result counting
+# as done only for the adapter file that made it (by content), sweep them again.
 swept_on_gpu() {
   python3 - "$1" <<'PY'
 import glob, json, sys

@@ -583,7 +583,7 @@ def run_study(models: list[ModelSpec], tasks: list[Task], configs: list[Configur
             n_cal, n_test, tokens = settings.sizes(task)
             splits = None
             for config in model_configurations(configs, adapters):
-                done = _complete(store, spec.label, task, config.slug, settings)
+                done = _complete(store, spec.label, task, config.slug, settings, adapters)
                 counts["done_before"] += done
                 if settings.retime:  # only finished configurations timed on several machines or too few times
                     here = hardware(loaded.device) if loaded is not None else None
@@ -697,12 +697,20 @@ def _sweep_texts(table, lambdas: list[float], keys, n: int) -> dict[str, list[st
     return out
 
 
-def _complete(store: Store, model: str, task: Task, config: str, settings: StudySettings) -> bool:
-    """A stored result counts as done when it was made with this call's split sizes, budget, grid and δs, and
-    with the current revision of its scorer (an earlier one's sweep is made again: its loss tables' key differs)."""
+def _complete(store: Store, model: str, task: Task, config: str, settings: StudySettings,
+              adapters=None) -> bool:
+    """A stored result counts as done when it was made with this call's split sizes, budget, grid and δs, with
+    the current revision of its scorer (an earlier one's sweep is made again: its loss tables' key differs),
+    and through the same exit-adapter file as ``adapters`` (by content; None: without adapters). The model
+    itself is known by its label only, its fingerprint needing the weights loaded; an adapter file is already
+    loaded here, so a refitted one under the same label is not mistaken for the file that made the result."""
     result = store.read(store.config_path(model, task.name, config))
-    return (result is not None and result.get("version") == RESULT_VERSION
+    if result is None:
+        return False
+    made_with = ((result.get("configuration") or {}).get("decoder") or {}).get("exit_adapters") or {}
+    return (result.get("version") == RESULT_VERSION
             and result.get("identity", {}).get("settings") == _identity(settings, task)
+            and made_with.get("fingerprint") == (adapters.fingerprint if adapters is not None else None)
             and not scorer_stale(result))
 
 

@@ -660,6 +660,18 @@ def test_exit_classifier_rows_come_with_an_adapter_file_that_holds_one(tmp_path)
         assert result["configuration"]["decoder"]["exit_adapters"] is not None
     assert results["exit-classifier"]["configuration"]["reduction"] == "fixed k=16"
 
+    def check(adapter_file):
+        argv = _argv(out, tmp_path, "--exit-adapters", f"tiny={adapter_file}", "--scorers", "softmax-margin",
+                     "--reductions", "fixed", "--min-exit-layer", "2", "--check")
+        return study_table.main(argv, loader=_no_model, tasks={"tiny": task})
+
+    assert check(path) == 0
+    # a refit under the same label (another classifier) is other adapters: its rows are still to make
+    refit = LogisticExitModel(EXIT_FEATURES, [2, 3], torch.randn(2, len(EXIT_FEATURES), generator=generator),
+                              torch.randn(2, generator=generator))
+    other = adapters.with_exit_classifier(refit).save(tmp_path / "refit.safetensors")
+    assert check(other) == study_table.PENDING
+
 
 def test_exit_classifier_is_added_per_reduction_only_with_a_fitted_classifier():
     configs = [core.Configuration(s, red, 15) for red in core.reductions(["none", "fixed"], 100, (100, 10))
