@@ -144,10 +144,11 @@ FITS=("iwslt2017-en-de|iwslt2017_en-de_tst2016.jsonl|tst2016|iwslt2017_en-de_tst
 # A task whose margin and exit-classifier configurations a GPU already swept and timed (an earlier session's,
 # carried in benchmarks/results) is skipped: on a fresh machine the fit would run again and, a result counting
 # as done only for the adapter file that made it (by content), sweep them again.
+AFFINE=smollm2-135m-affine
 swept_on_gpu() {
-  python3 - "$1" <<'PY'
+  python3 - "$AFFINE" "$1" <<'PY'
 import glob, json, sys
-names = glob.glob(f"/tmp/study_out/configs/smollm2-135m-affine__{sys.argv[1]}__*.json")
+names = glob.glob(f"/tmp/study_out/configs/{sys.argv[1]}__{sys.argv[2]}__*.json")
 on_gpu = [json.load(open(n))["sweep"].get("device", "").startswith("cuda") for n in names]
 sys.exit(0 if len(on_gpu) == 2 and all(on_gpu) else 1)
 PY
@@ -168,7 +169,7 @@ for fit in "${FITS[@]}"; do
     tail -1 $OUT/fit-$task.log
   fi
   [ -f $ADAPTERS ] || continue
-  run_table $DONE/adapters-$task --models smollm2-135m-affine=$GGUF --exit-adapters smollm2-135m-affine=$ADAPTERS \
+  run_table $DONE/adapters-$task --models $AFFINE=$GGUF --exit-adapters $AFFINE=$ADAPTERS \
     --tasks $task --scorers softmax-margin --reductions decaying $TABLE
   [ $? -eq 3 ] && break
 done
